@@ -1,0 +1,1 @@
+"""Shared configuration, wire types and model loading."""

