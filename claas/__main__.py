@@ -1,0 +1,3 @@
+from claas.cli import main
+
+main()

@@ -1,0 +1,303 @@
+"""The feedback transaction: resolve -> lock -> sleep -> distill (+save) -> wake -> reload adapter -> log.
+
+Reads top to bottom in `run_feedback`. Each phase is timed; a failure in a phase becomes a PhaseFailedError naming
+it, after the inference server has been woken (when we put it to sleep) and the failure has been written to the
+feedback log. The previous adapter stays intact because the engine saves atomically and evicts a failed step.
+
+Wake before reload: vLLM cannot load adapters reliably while asleep, so the server is woken first and the adapter is
+then swapped (unload -> load, a fresh adapter id so no stale prefix-cache blocks). The reply is sent only after the
+swap, so the next request is served by the updated adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from claas.core.config import Settings
+from claas.core.types import DistillBatch, FeedbackItem, OrchestrationConfig, TrainingConfig, TrainingExample
+from claas.errors import ClaasError, ConflictError, NotFoundError, PhaseFailedError
+from claas.inference.cache import CachedCompletion, CompletionCache
+from claas.inference.helpers import normalize_text
+from claas.inference.vllm import VllmClient
+from claas.observability import Metrics
+from claas.training.engine.base import TrainingEngine
+from claas.training.storage import LoraLockTimeoutError, validate_lora_id
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+class TrainingInputError(ClaasError):
+    """The feedback cannot be trained on as sent (e.g. rollout_logprobs do not match the response tokens)."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+
+
+@dataclass
+class FeedbackServices:
+    settings: Settings
+    engine: TrainingEngine
+    inference: VllmClient
+    cache: CompletionCache
+    metrics: Metrics
+    locks: "LoraLocks"
+
+
+class LoraLocks:
+    """One asyncio lock per lora_id in this process, plus the store's file lock when the engine has a local store,
+    so two API processes sharing an adapter root never interleave updates of one adapter."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, lora_id: str, timeout_s: float, engine: TrainingEngine) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(lora_id, asyncio.Lock())
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(lock.acquire(), timeout=timeout_s)
+        except TimeoutError:
+            raise ConflictError(
+                f"adapter {lora_id!r} is busy with another update; waited {timeout_s:.0f}s (CLAAS_FEEDBACK_LOCK_TIMEOUT_S)"
+            ) from None
+        try:
+            store = getattr(engine, "store", None)
+            if store is None:
+                yield
+                return
+            remaining = max(0.0, timeout_s - (time.monotonic() - started))
+            file_lock = store.lock(lora_id, remaining)
+            try:
+                await asyncio.to_thread(file_lock.__enter__)
+            except LoraLockTimeoutError:
+                raise ConflictError(f"adapter {lora_id!r} is being updated by another CLaaS process") from None
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(file_lock.__exit__, None, None, None)
+        finally:
+            lock.release()
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    from claas.training.teacher import message_text
+
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content"))
+    return ""
+
+
+def _item_messages(item: FeedbackItem) -> list[dict[str, Any]]:
+    if isinstance(item.prompt, list):
+        return item.prompt
+    messages: list[dict[str, Any]] = []
+    if item.system_prompt:
+        messages.append({"role": "system", "content": item.system_prompt})
+    messages.append({"role": "user", "content": item.prompt})
+    return messages
+
+
+def _cached_for(item: FeedbackItem, cache: CompletionCache) -> CachedCompletion | None:
+    if item.completion_id:
+        entry = cache.get(item.completion_id)
+        if entry is None:
+            raise NotFoundError(f"completion {item.completion_id!r} is not in the completion cache (expired or unknown)")
+        return entry
+    entry = cache.find(item.response)
+    if entry is None:
+        return None
+    # Same answer text but a different question: not the completion this feedback is about.
+    prompt_text = item.prompt if isinstance(item.prompt, str) else _last_user_text(item.prompt)
+    if normalize_text(prompt_text) not in normalize_text(_last_user_text(entry.messages)):
+        return None
+    return entry
+
+
+def resolve_example(item: FeedbackItem, cache: CompletionCache) -> TrainingExample:
+    """Exact served tokens + rollout logprobs when the answer came through this gateway; otherwise text only."""
+    cached = _cached_for(item, cache)
+    if cached is not None:
+        return TrainingExample(
+            messages=cached.messages,
+            response_text=cached.response_text,
+            feedback=item.feedback,
+            prompt_token_ids=cached.prompt_token_ids,
+            response_token_ids=cached.response_token_ids,
+            rollout_logprobs=item.rollout_logprobs or cached.response_logprobs,
+            source="cache",
+        )
+    return TrainingExample(
+        messages=_item_messages(item),
+        response_text=item.response,
+        feedback=item.feedback,
+        rollout_logprobs=item.rollout_logprobs,
+        source="tokenized",
+    )
+
+
+@dataclass
+class Transaction:
+    request_id: str
+    lora_id: str
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    slept: bool = False
+    woke: bool = False
+    phase: str = "resolve"
+
+    @contextlib.contextmanager
+    def timed(self, phase: str, metrics: Metrics) -> Any:
+        self.phase = phase
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.timing_ms[phase] = round(elapsed * 1000.0, 3)
+            metrics.feedback_phase_seconds.labels(phase=phase).observe(elapsed)
+
+
+async def run_feedback(
+    services: FeedbackServices,
+    items: list[FeedbackItem],
+    orchestration: OrchestrationConfig,
+    *,
+    save_mode: Literal["in_place", "version"] = "in_place",
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    lora_id = validate_lora_id(items[0].lora_id)
+    tx = Transaction(request_id=uuid.uuid4().hex, lora_id=lora_id)
+    training = items[0].training or TrainingConfig()
+    metrics = services.metrics
+    result: dict[str, Any] | None = None
+    failure: BaseException | None = None
+    examples: list[TrainingExample] = []
+    try:
+        with tx.timed("resolve", metrics):
+            if not await services.engine.lora_exists(lora_id):
+                raise NotFoundError(f"adapter {lora_id!r} does not exist; create it with POST /v1/lora/init")
+            examples = [resolve_example(item, services.cache) for item in items]
+        lock_started = time.perf_counter()
+        async with services.locks.hold(lora_id, services.settings.feedback_lock_timeout_s, services.engine):
+            tx.timing_ms["lock_wait"] = round((time.perf_counter() - lock_started) * 1000.0, 3)
+            metrics.lock_wait_seconds.observe(time.perf_counter() - lock_started)
+            result = await _locked_phases(services, tx, examples, training, orchestration, save_mode)
+    except BaseException as exc:
+        failure = exc
+        raise _as_api_error(exc, tx.phase) from exc
+    finally:
+        tx.timing_ms["total"] = round((time.perf_counter() - started) * 1000.0, 3)
+        status = "ok" if failure is None else "error"
+        metrics.feedback_total.labels(status=status).inc()
+        log_path = _write_log(services.settings.feedback_log_dir, tx, items, examples, result, failure)
+    return {
+        "status": "ok",
+        "request_id": tx.request_id,
+        "lora_id": lora_id,
+        "distill_result": result,
+        "vllm": {"slept": tx.slept, "woke": tx.woke},
+        "timing_ms": tx.timing_ms,
+        "feedback_log_path": str(log_path),
+        "batch_size": len(items),
+        "sources": [example.source for example in examples],
+    }
+
+
+async def _locked_phases(
+    services: FeedbackServices,
+    tx: Transaction,
+    examples: list[TrainingExample],
+    training: TrainingConfig,
+    orchestration: OrchestrationConfig,
+    save_mode: Literal["in_place", "version"],
+) -> dict[str, Any]:
+    inference, metrics = services.inference, services.metrics
+    must_sleep = services.engine.shares_inference_device and orchestration.sleep_before
+    succeeded = False
+    try:
+        if must_sleep:
+            with tx.timed("sleep", metrics):
+                await inference.wait_until_idle(DRAIN_TIMEOUT_S)
+                await inference.sleep(orchestration.sleep_level)
+                tx.slept = True
+        with tx.timed("distill", metrics):
+            batch = DistillBatch(lora_id=tx.lora_id, examples=examples, training=training, save_mode=save_mode)
+            distilled = await services.engine.distill(batch)
+        # The engine saves inside its step; report that part separately.
+        save_ms = distilled.timing_ms.get("save", 0.0)
+        tx.timing_ms["save"] = save_ms
+        tx.timing_ms["distill"] = round(tx.timing_ms["distill"] - save_ms, 3)
+        succeeded = True
+    finally:
+        if tx.slept and (orchestration.wake_after if succeeded else orchestration.wake_on_failure):
+            phase = tx.phase
+            with tx.timed("wake", metrics):
+                await inference.wake_up()
+                tx.woke = True
+            if not succeeded:
+                tx.phase = phase  # report the phase that failed, not the wake that followed it
+    if save_mode == "in_place":
+        with tx.timed("reload", metrics):
+            ref = await services.engine.lora_runtime_ref(tx.lora_id)
+            await inference.reload_lora_adapter(ref.name, ref.path)
+    return distilled.model_dump()
+
+
+def _as_api_error(exc: BaseException, phase: str) -> BaseException:
+    if isinstance(exc, ClaasError) or not isinstance(exc, Exception):
+        return exc
+    from claas.training.storage import LoraStoreError
+
+    if isinstance(exc, LoraStoreError):
+        return exc  # mapped to 4xx by the app's handlers
+    if isinstance(exc, ValueError) and phase in ("resolve", "distill"):
+        return TrainingInputError(f"{phase}: {exc}")
+    return PhaseFailedError(phase, exc)
+
+
+def _write_log(
+    log_dir: Path,
+    tx: Transaction,
+    items: list[FeedbackItem],
+    examples: list[TrainingExample],
+    result: dict[str, Any] | None,
+    failure: BaseException | None,
+) -> Path:
+    now = datetime.now(timezone.utc)
+    record = {
+        "request_id": tx.request_id,
+        "timestamp": now.isoformat(),
+        "lora_id": tx.lora_id,
+        "status": "ok" if failure is None else "error",
+        "error": None if failure is None else {"phase": tx.phase, "message": str(failure), "type": type(failure).__name__},
+        "items": [
+            {
+                "prompt": item.prompt,
+                "response": item.response,
+                "feedback": item.feedback,
+                "source": examples[i].source if i < len(examples) else None,
+            }
+            for i, item in enumerate(items)
+        ],
+        "distill_result": result,
+        "vllm": {"slept": tx.slept, "woke": tx.woke},
+        "timing_ms": tx.timing_ms,
+    }
+    day_dir = log_dir / now.strftime("%Y-%m-%d")
+    day_dir.mkdir(parents=True, exist_ok=True)
+    path = day_dir / f"{now.strftime('%H%M%S%f')}-{tx.request_id}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,52 @@
+"""LoRA lifecycle: `POST /v1/lora/init`, `GET /v1/lora`, `GET /v1/lora/export`, `DELETE /v1/lora`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Response
+
+from claas.core.types import LoraInfo, LoraInitRequest
+from claas.deps import AuthDep, EngineDep, InferenceDep
+from claas.training.storage import validate_lora_id
+
+router = APIRouter(tags=["lora"])
+
+
+@router.post("/v1/lora/init")
+async def init_lora(body: LoraInitRequest, engine: EngineDep, inference: InferenceDep, auth: AuthDep) -> LoraInfo:
+    validate_lora_id(body.lora_id)
+    auth.require_lora(body.lora_id)
+    info = await engine.init_lora(body)
+    # Servable at once: load it on the inference server under its lora_id.
+    ref = await engine.lora_runtime_ref(body.lora_id)
+    await inference.reload_lora_adapter(ref.name, ref.path)
+    return info
+
+
+@router.get("/v1/lora")
+async def list_loras(engine: EngineDep, auth: AuthDep, prefix: str = "") -> dict[str, Any]:
+    loras = await engine.list_loras(prefix)
+    visible = [lora for lora in loras if auth.may_access(lora.lora_id)]
+    return {"loras": [lora.model_dump() for lora in visible]}
+
+
+@router.get("/v1/lora/export")
+async def export_lora(engine: EngineDep, auth: AuthDep, lora_id: str = Query(min_length=1)) -> Response:
+    validate_lora_id(lora_id, allow_version=True)
+    auth.require_lora(lora_id)
+    data = await engine.export_lora(lora_id)
+    filename = lora_id.replace("/", "__").replace("@", "_") + ".zip"
+    return Response(data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@router.delete("/v1/lora")
+async def delete_lora(
+    engine: EngineDep, inference: InferenceDep, auth: AuthDep, lora_id: str = Query(min_length=1)
+) -> dict[str, Any]:
+    validate_lora_id(lora_id, allow_version=True)
+    auth.require_lora(lora_id)
+    await engine.delete_lora(lora_id)
+    await inference.unload_lora_adapter(lora_id, missing_ok=True)
+    return {"deleted": lora_id}

@@ -1,0 +1,107 @@
+"""LocalEngine: the resident DistillationTrainer behind an async interface.
+
+Every torch call runs on one dedicated worker thread, so the event loop never blocks and two steps never interleave
+(the per-LoRA locks in the feedback transaction order requests; this thread orders the GPU/CPU work). Storage-only
+queries (list, exists) run on the default thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from claas.core.config import Settings
+from claas.core.types import DistillBatch, DistillResult, LoraInfo, LoraInitRequest, LoraRuntimeRef
+from claas.training.engine.base import TrainingEngine
+from claas.training.storage import LoraMetadata, LoraStore
+from claas.training.teacher import RemoteTeacher
+from claas.training.trainer import DistillationTrainer
+
+T = TypeVar("T")
+
+
+def lora_info(metadata: LoraMetadata, aliases: list[str] | None = None) -> LoraInfo:
+    return LoraInfo(
+        lora_id=metadata.lora_id,
+        base_model=metadata.base_model,
+        rank=metadata.rank,
+        alpha=metadata.alpha,
+        step=metadata.step,
+        created_at=metadata.created_at,
+        updated_at=metadata.updated_at,
+        aliases=aliases or [],
+        version_of=metadata.version_of,
+    )
+
+
+class LocalEngine(TrainingEngine):
+    kind = "local"
+    # Training runs on this machine's accelerator (or CPU cores), which the co-located inference server also uses.
+    shares_inference_device = True
+
+    def __init__(self, settings: Settings, *, trainer: DistillationTrainer | None = None) -> None:
+        self.store = LoraStore(settings.lora_root)
+        remote = None
+        if settings.remote_teacher_url and settings.remote_teacher_model:
+            remote = RemoteTeacher(settings.remote_teacher_url, settings.remote_teacher_model)
+        self.trainer = trainer or DistillationTrainer(
+            base_model=settings.base_model,
+            store=self.store,
+            cache_dir=settings.model_cache,
+            device=settings.device,
+            hot_adapters=settings.hot_adapters,
+            default_rank=settings.lora_rank,
+            default_alpha=settings.lora_alpha,
+            remote_teacher=remote,
+        )
+        self._remote_teacher = remote
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claas-train")
+
+    async def _on_worker(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
+
+    async def warmup(self) -> None:
+        """Load the base model now instead of on the first request."""
+        await self._on_worker(self.trainer.ensure_loaded)
+        if self._remote_teacher is not None:
+            await self._on_worker(lambda: self._remote_teacher.check_tokenizer(self.trainer.tokenizer))  # type: ignore[union-attr]
+
+    async def distill(self, batch: DistillBatch) -> DistillResult:
+        return await self._on_worker(lambda: self.trainer.step(batch))
+
+    async def init_lora(self, request: LoraInitRequest) -> LoraInfo:
+        metadata = await self._on_worker(lambda: self.trainer.init_lora(request))
+        return lora_info(metadata)
+
+    async def list_loras(self, prefix: str = "") -> list[LoraInfo]:
+        entries = await asyncio.to_thread(self.store.list, prefix)
+        return [lora_info(entry.metadata, entry.aliases) for entry in entries]
+
+    async def export_lora(self, lora_id: str) -> bytes:
+        return await asyncio.to_thread(self.store.export_zip, lora_id)
+
+    async def delete_lora(self, lora_id: str) -> None:
+        def delete() -> None:
+            self.store.delete(lora_id)
+            self.trainer.evict(lora_id)
+
+        await self._on_worker(delete)
+
+    async def lora_exists(self, lora_id: str) -> bool:
+        return await asyncio.to_thread(self.store.exists, lora_id)
+
+    async def lora_runtime_ref(self, lora_id: str) -> LoraRuntimeRef:
+        path = await asyncio.to_thread(self.store.adapter_path, lora_id)
+        return LoraRuntimeRef(name=lora_id, path=str(path))
+
+    async def response_logprobs(self, lora_id: str | None, messages: list[dict[str, Any]], response: str) -> list[float]:
+        return await self._on_worker(lambda: self.trainer.response_logprobs(lora_id, messages, response))
+
+    async def health(self) -> dict[str, Any]:
+        return {"engine": self.kind, "lora_root": str(self.store.root), **self.trainer.health()}
+
+    async def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        if self._remote_teacher is not None:
+            self._remote_teacher.close()

@@ -1,0 +1,113 @@
+"""Teacher side of SDPO: the hindsight prompt and scoring of the student's response under the teacher.
+
+The teacher sees the same conversation as the student, except that the last user turn carries a hindsight block
+with the user's feedback. It scores exactly the student's response token ids (never re-generated text).
+
+Modes: `self` (the frozen base model with the adapter disabled, scored by the trainer, see `trainer.py`) and
+`remote` (a larger model on a vLLM-compatible server, scored here through `/v1/completions` + `prompt_logprobs`).
+Not here: the loss, optimizer, storage.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import torch
+
+HINDSIGHT_OPENING = "\n\n--- Later message from the user about your earlier answer to this request ---\n"
+HINDSIGHT_CLOSING = "\n--- End of the later message. Answer the original request again with it in mind. ---"
+
+
+class TeacherError(RuntimeError):
+    """The remote teacher cannot be used (unreachable, different tokenizer, malformed answer)."""
+
+
+def message_text(content: Any) -> str:
+    """Flatten OpenAI message content (a string or a list of `{type: text}` parts) to text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
+def teacher_messages(messages: list[dict[str, Any]], feedback: str) -> list[dict[str, Any]]:
+    """The student's messages with a hindsight block carrying `feedback` appended to the last user turn."""
+    result = copy.deepcopy(messages)
+    for message in reversed(result):
+        if message.get("role") == "user":
+            message["content"] = message_text(message.get("content")) + HINDSIGHT_OPENING + feedback + HINDSIGHT_CLOSING
+            return result
+    raise ValueError("the conversation has no user message to attach the feedback to")
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of the rendered chat template with the generation prompt (a missing generation prompt makes the
+    teacher predict a new user turn instead of the answer: strongly negative early-token signal)."""
+    flat = [{**m, "content": message_text(m.get("content"))} for m in messages]
+    encoded = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+@dataclass
+class TopKTeacherScores:
+    logprobs: torch.Tensor  # [T, K]
+    ids: torch.Tensor  # [T, K]
+
+
+class RemoteTeacher:
+    """A vLLM-compatible server that scores the response under the hindsight prompt, returning top-K logprobs."""
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 120.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.model = model
+        self._tokenizer_checked = False
+
+    def close(self) -> None:
+        self._client.close()
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a teacher whose tokenizer differs from the student's: token-level distillation needs one vocab."""
+        probe = "Hello, world! Déjà vu: 12345 <tags> and emojis 🙂."
+        local = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        remote = self._post("/tokenize", {"model": self.model, "prompt": probe, "add_special_tokens": False})["tokens"]
+        if remote != local:
+            raise TeacherError(
+                f"remote teacher {self.model!r} tokenizes differently from the student "
+                f"(probe gave {remote[:8]}... vs {local[:8]}...); use a teacher of the same model family"
+            )
+        self._tokenizer_checked = True
+
+    def score(self, prompt_ids: list[int], response_ids: list[int], top_k: int) -> TopKTeacherScores:
+        body = {
+            "model": self.model,
+            "prompt": prompt_ids + response_ids,
+            "max_tokens": 1,
+            "prompt_logprobs": top_k,
+            "temperature": 0.0,
+        }
+        reply = self._post("/v1/completions", body)
+        positions = reply["choices"][0].get("prompt_logprobs")
+        if not positions or len(positions) != len(prompt_ids) + len(response_ids):
+            raise TeacherError("remote teacher returned no prompt_logprobs for every prompt position")
+        logprob_rows, id_rows = [], []
+        for entry in positions[len(prompt_ids) :]:
+            ranked = sorted(entry.items(), key=lambda kv: kv[1]["rank"])[:top_k]
+            if len(ranked) < top_k:
+                raise TeacherError(f"remote teacher returned {len(ranked)} candidates, expected {top_k}")
+            id_rows.append([int(token_id) for token_id, _ in ranked])
+            logprob_rows.append([float(info["logprob"]) for _, info in ranked])
+        return TopKTeacherScores(logprobs=torch.tensor(logprob_rows), ids=torch.tensor(id_rows, dtype=torch.long))
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = self._client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise TeacherError(f"remote teacher at {self._client.base_url} unreachable: {exc}") from exc
+        if response.status_code != 200:
+            raise TeacherError(f"remote teacher {path} answered {response.status_code}: {response.text[:300]}")
+        return response.json()

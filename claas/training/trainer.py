@@ -1,0 +1,400 @@
+"""DistillationTrainer: one resident base model, hot LoRA adapters, one SDPO step per feedback batch.
+
+The base model is loaded once. Adapters are PEFT LoRA adapters injected into that one model; the most recently used
+ones (weights + AdamW state) stay resident in an LRU, and disk is touched only to persist after a step. Every method
+here is synchronous and must be called from ONE thread (the local engine's worker): torch work is serialized.
+
+Failure safety: if a step raises after touching the in-memory adapter, that adapter is evicted, so memory never
+diverges from what is on disk; the store guarantees the on-disk adapter is the previous complete one.
+Not here: HTTP, locks across processes (the store and the feedback transaction do that), the loss maths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from claas.core.models import LoadedModel, load_model
+from claas.core.types import DistillBatch, DistillResult, LoraInitRequest, TrainingConfig, TrainingExample
+from claas.training.sdpo_loss import sdpo_loss
+from claas.training.storage import LoraMetadata, LoraNotFoundError, LoraStore
+from claas.training.teacher import RemoteTeacher, chat_prompt_ids, teacher_messages
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+OPTIMIZER_FILE = "optimizer_state.pt"
+
+
+class AdapterIncompatibleError(ValueError):
+    """The adapter was made for another base model than the one this trainer holds."""
+
+
+@dataclass
+class HotAdapter:
+    lora_id: str
+    peft_name: str
+    metadata: LoraMetadata
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.AdamW
+
+
+@dataclass
+class ExampleTensors:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    teacher_prompt_ids: list[int]
+    rollout_logprobs: list[float] | None
+
+
+def peft_adapter_name(lora_id: str) -> str:
+    # PEFT keeps adapters in ModuleDicts whose keys may not contain '.' or '/'; lora ids may.
+    return "a" + hashlib.sha1(lora_id.encode()).hexdigest()[:16]
+
+
+class DistillationTrainer:
+    def __init__(
+        self,
+        *,
+        base_model: str,
+        store: LoraStore,
+        cache_dir: Path,
+        device: str = "auto",
+        hot_adapters: int = 8,
+        default_rank: int = 32,
+        default_alpha: int = 64,
+        remote_teacher: RemoteTeacher | None = None,
+    ) -> None:
+        self.base_model = base_model
+        self.store = store
+        self._cache_dir = cache_dir
+        self._device_preference = device
+        self._max_hot = hot_adapters
+        self._default_rank = default_rank
+        self._default_alpha = default_alpha
+        self._remote_teacher = remote_teacher
+        self._loaded: LoadedModel | None = None
+        self._peft: Any = None  # PeftModel once the first adapter exists
+        self._hot: OrderedDict[str, HotAdapter] = OrderedDict()
+
+    # ------------------------------------------------------------------ model
+    def ensure_loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            started = time.perf_counter()
+            self._loaded = load_model(self.base_model, self._cache_dir, self._device_preference)
+            for param in self._loaded.model.parameters():
+                param.requires_grad_(False)
+            if self._loaded.device.type == "cuda":
+                self._loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            logger.info("trainer loaded %s on %s in %.1fs", self.base_model, self._loaded.device,
+                        time.perf_counter() - started)
+        return self._loaded
+
+    @property
+    def device(self) -> torch.device:
+        return self.ensure_loaded().device
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.ensure_loaded().tokenizer
+
+    @property
+    def hot_adapter_ids(self) -> list[str]:
+        return list(self._hot)
+
+    def _model(self) -> Any:
+        return self._peft if self._peft is not None else self.ensure_loaded().model
+
+    # ------------------------------------------------------------------ adapters
+    def init_lora(self, request: LoraInitRequest) -> LoraMetadata:
+        loaded = self.ensure_loaded()
+        if request.base_model not in (None, self.base_model):
+            raise AdapterIncompatibleError(
+                f"this engine trains on base model {self.base_model!r}, not {request.base_model!r}"
+            )
+        target_modules = request.target_modules or DEFAULT_TARGET_MODULES
+        config = LoraConfig(
+            r=request.lora_r or self._default_rank,
+            lora_alpha=request.lora_alpha or self._default_alpha,
+            target_modules=target_modules,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        name = peft_adapter_name(request.lora_id)
+        self._attach(name, config=config)
+        try:
+            params = self._adapter_params(name)
+            optimizer = torch.optim.AdamW(params, lr=TrainingConfig().learning_rate)
+            now = _utc_now()
+            metadata = LoraMetadata(
+                lora_id=request.lora_id,
+                base_model=self.base_model,
+                rank=config.r,
+                alpha=int(config.lora_alpha),
+                target_modules=list(target_modules),
+                step=0,
+                created_at=now,
+                updated_at=now,
+            )
+            self.store.create(request.lora_id, lambda d: self._write_adapter(d, name, optimizer), metadata)
+        except BaseException:
+            self._detach(name)
+            raise
+        self._remember(HotAdapter(request.lora_id, name, self.store.read_metadata(request.lora_id), params, optimizer))
+        del loaded
+        return self._hot[request.lora_id].metadata
+
+    def evict(self, lora_id: str) -> None:
+        hot = self._hot.pop(lora_id, None)
+        if hot is not None:
+            self._detach(hot.peft_name)
+
+    def _hot_adapter(self, lora_id: str) -> HotAdapter:
+        if lora_id in self._hot:
+            self._hot.move_to_end(lora_id)
+            return self._hot[lora_id]
+        metadata = self.store.read_metadata(lora_id)
+        if metadata.base_model != self.base_model:
+            raise AdapterIncompatibleError(
+                f"adapter {lora_id!r} was made for {metadata.base_model!r}; this engine trains {self.base_model!r}"
+            )
+        path = self.store.adapter_path(lora_id)
+        name = peft_adapter_name(lora_id)
+        self._attach(name, path=path)
+        try:
+            params = self._adapter_params(name)
+            optimizer = torch.optim.AdamW(params, lr=TrainingConfig().learning_rate)
+            optimizer_file = path / OPTIMIZER_FILE
+            if optimizer_file.is_file():
+                optimizer.load_state_dict(torch.load(optimizer_file, map_location=self.device, weights_only=True))
+        except BaseException:
+            self._detach(name)
+            raise
+        hot = HotAdapter(lora_id, name, metadata, params, optimizer)
+        self._remember(hot)
+        return hot
+
+    def _remember(self, hot: HotAdapter) -> None:
+        self._hot[hot.lora_id] = hot
+        self._hot.move_to_end(hot.lora_id)
+        while len(self._hot) > self._max_hot:
+            oldest, _ = next(iter(self._hot.items()))
+            self.evict(oldest)
+
+    def _attach(self, name: str, *, config: LoraConfig | None = None, path: Path | None = None) -> None:
+        base = self.ensure_loaded().model
+        if self._peft is None:
+            if config is not None:
+                self._peft = get_peft_model(base, config, adapter_name=name)
+            else:
+                self._peft = PeftModel.from_pretrained(base, str(path), adapter_name=name, is_trainable=True)
+        elif config is not None:
+            self._peft.add_adapter(name, config)
+        else:
+            self._peft.load_adapter(str(path), adapter_name=name, is_trainable=True)
+        self._peft.to(self.device)
+
+    def _detach(self, name: str) -> None:
+        if self._peft is not None and name in self._peft.peft_config:
+            self._peft.delete_adapter(name)
+
+    def _adapter_params(self, name: str) -> list[torch.nn.Parameter]:
+        params = [p for n, p in self._peft.named_parameters() if f".{name}." in n]
+        if not params:
+            raise RuntimeError(f"adapter {name} has no parameters after loading")
+        for param in params:
+            param.requires_grad_(True)
+        return params
+
+    def _write_adapter(self, directory: Path, name: str, optimizer: torch.optim.Optimizer) -> None:
+        state = get_peft_model_state_dict(self._peft, adapter_name=name)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / "adapter_model.safetensors")
+        config = self._peft.peft_config[name]
+        config.base_model_name_or_path = self.base_model
+        config.save_pretrained(str(directory))
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    # ------------------------------------------------------------------ training
+    def step(self, batch: DistillBatch) -> DistillResult:
+        timing: dict[str, float] = {}
+        started = time.perf_counter()
+        hot = self._hot_adapter(batch.lora_id)
+        timing["load_adapter"] = _ms_since(started)
+        try:
+            return self._step_hot(hot, batch, timing)
+        except BaseException:
+            # The in-memory weights or optimizer may be half-updated; drop them so disk stays the truth.
+            self.evict(batch.lora_id)
+            raise
+
+    def _step_hot(self, hot: HotAdapter, batch: DistillBatch, timing: dict[str, float]) -> DistillResult:
+        cfg = batch.training
+        model = self._peft
+        model.set_adapter(hot.peft_name)
+        for param in hot.params:
+            param.requires_grad_(True)
+        for group in hot.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate
+            group["weight_decay"] = cfg.weight_decay
+
+        phase = time.perf_counter()
+        examples = [self._tensors(example) for example in batch.examples]
+        timing["tokenize"] = _ms_since(phase)
+
+        metrics: dict[str, float] = {}
+        for _ in range(cfg.steps):
+            phase = time.perf_counter()
+            hot.optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, float] = {"loss": 0.0, "jsd": 0.0, "kl_reg": 0.0, "is_ratio_mean": 0.0,
+                                        "is_clip_fraction": 0.0, "student_logprob_mean": 0.0, "tokens": 0.0}
+            for tensors in examples:
+                out = self._example_loss(tensors, cfg)
+                (out.loss / len(examples)).backward()
+                totals["loss"] += out.loss.item() / len(examples)
+                totals["jsd"] += out.jsd / len(examples)
+                totals["kl_reg"] += out.kl_reg / len(examples)
+                totals["is_ratio_mean"] += out.is_ratio_mean / len(examples)
+                totals["is_clip_fraction"] += out.is_clip_fraction / len(examples)
+                totals["student_logprob_mean"] += out.student_logprobs.mean().item() / len(examples)
+                totals["tokens"] += out.tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(hot.params, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm {grad_norm.item()} for {hot.lora_id}")
+            hot.optimizer.step()
+            hot.optimizer.zero_grad(set_to_none=True)
+            totals["grad_norm"] = float(grad_norm)
+            metrics = totals
+            timing["compute"] = timing.get("compute", 0.0) + _ms_since(phase)
+
+        phase = time.perf_counter()
+        metadata = replace(hot.metadata, step=hot.metadata.step + cfg.steps, extra={"last_metrics": metrics})
+        writer = lambda d: self._write_adapter(d, hot.peft_name, hot.optimizer)  # noqa: E731
+        if batch.save_mode == "version":
+            saved_id = self.store.save_version(hot.lora_id, writer, metadata)
+            # The in-place adapter must stay as it was on disk: drop the stepped weights from memory.
+            self.evict(hot.lora_id)
+        else:
+            self.store.save(hot.lora_id, writer, metadata)
+            hot.metadata = self.store.read_metadata(hot.lora_id)
+            saved_id = hot.lora_id
+        timing["save"] = _ms_since(phase)
+        return DistillResult(lora_id=saved_id, step=metadata.step, metrics=metrics, timing_ms=timing)
+
+    def _tensors(self, example: TrainingExample) -> ExampleTensors:
+        tokenizer = self.tokenizer
+        if example.prompt_token_ids is not None and example.response_token_ids is not None:
+            prompt_ids, response_ids = list(example.prompt_token_ids), list(example.response_token_ids)
+        else:
+            prompt_ids = chat_prompt_ids(tokenizer, example.messages)
+            response_ids = list(tokenizer(example.response_text, add_special_tokens=False)["input_ids"])
+            if tokenizer.eos_token_id is not None and (not response_ids or response_ids[-1] != tokenizer.eos_token_id):
+                response_ids.append(tokenizer.eos_token_id)  # the turn ends here: teach where to stop, too
+        if not response_ids:
+            raise ValueError("the response has no tokens to train on")
+        rollout = example.rollout_logprobs
+        if rollout is not None and len(rollout) != len(response_ids):
+            raise ValueError(
+                f"rollout_logprobs has {len(rollout)} values but the response has {len(response_ids)} tokens"
+            )
+        teacher_prompt_ids = chat_prompt_ids(tokenizer, teacher_messages(example.messages, example.feedback))
+        return ExampleTensors(prompt_ids, response_ids, teacher_prompt_ids, rollout)
+
+    def _response_logits(self, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
+        """Logits at the positions that predict each response token: [T, V]."""
+        ids = torch.tensor([prompt_ids + response_ids], device=self.device)
+        # Only the last T+1 positions are needed; skip the LM head on the prompt.
+        logits = self._peft(input_ids=ids, logits_to_keep=len(response_ids) + 1).logits[0]  # [T+1, V]
+        return logits[:-1]
+
+    def _example_loss(self, t: ExampleTensors, cfg: TrainingConfig) -> Any:
+        device = self.device
+        response = torch.tensor(t.response_ids, device=device)
+        teacher_kwargs: dict[str, Any] = {}
+        base_logprobs = None
+        with torch.no_grad():
+            if cfg.teacher_mode == "remote":
+                if self._remote_teacher is None:
+                    raise ValueError("teacher_mode=remote needs CLAAS_REMOTE_TEACHER_URL and CLAAS_REMOTE_TEACHER_MODEL")
+                scores = self._remote_teacher.score(t.teacher_prompt_ids, t.response_ids, cfg.teacher_top_k)
+                teacher_kwargs = {"teacher_topk_logprobs": scores.logprobs.to(device),
+                                  "teacher_topk_ids": scores.ids.to(device)}
+            with self._peft.disable_adapter():
+                if cfg.teacher_mode == "self":
+                    teacher_kwargs = {"teacher_logits": self._response_logits(t.teacher_prompt_ids, t.response_ids)}
+                if cfg.kl_reg_weight > 0:
+                    base = self._response_logits(t.prompt_ids, t.response_ids).float()
+                    base_logprobs = base.log_softmax(-1).gather(-1, response[:, None]).squeeze(-1)
+        mode = "teacher_topk" if cfg.teacher_mode == "remote" else cfg.loss_mode
+        student_logits = self._response_logits(t.prompt_ids, t.response_ids)  # [T, V]
+        rollout = torch.tensor(t.rollout_logprobs, device=device) if t.rollout_logprobs is not None else None
+        return sdpo_loss(
+            student_logits=student_logits,
+            response_ids=response,
+            response_mask=torch.ones_like(response, dtype=torch.bool),
+            alpha=cfg.alpha,
+            is_clip=cfg.is_clip,
+            kl_reg_weight=cfg.kl_reg_weight,
+            top_k=cfg.teacher_top_k,
+            mode=mode,
+            rollout_logprobs=rollout,
+            base_logprobs=base_logprobs,
+            **teacher_kwargs,
+        )
+
+    # ------------------------------------------------------------------ scoring (tests, eval)
+    def response_logprobs(self, lora_id: str | None, messages: list[dict[str, Any]], response_text: str) -> list[float]:
+        """Per-token logprobs of `response_text` after `messages`, under the adapter (or the base if None)."""
+        example = TrainingExample(messages=messages, response_text=response_text, feedback="-")
+        t = self._tensors(example)
+        response = torch.tensor(t.response_ids, device=self.device)
+        with torch.no_grad():
+            if lora_id is None:
+                if self._peft is None:
+                    logits = self.ensure_loaded().model(
+                        input_ids=torch.tensor([t.prompt_ids + t.response_ids], device=self.device),
+                        logits_to_keep=len(t.response_ids) + 1,
+                    ).logits[0, :-1]
+                else:
+                    with self._peft.disable_adapter():
+                        logits = self._response_logits(t.prompt_ids, t.response_ids)
+            else:
+                hot = self._hot_adapter(lora_id)
+                self._peft.set_adapter(hot.peft_name)
+                logits = self._response_logits(t.prompt_ids, t.response_ids)
+            logprobs = logits.float().log_softmax(-1).gather(-1, response[:, None]).squeeze(-1)
+        return logprobs.tolist()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "base_model": self.base_model,
+            "loaded": self._loaded is not None,
+            "device": str(self._loaded.device) if self._loaded else None,
+            "hot_adapters": len(self._hot),
+        }
+
+    def missing(self, lora_id: str) -> bool:
+        try:
+            self.store.read_metadata(lora_id)
+        except LoraNotFoundError:
+            return True
+        return False
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+def _utc_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat()
