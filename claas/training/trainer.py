@@ -168,7 +168,7 @@ class DistillationTrainer:
             raise AdapterIncompatibleError(
                 f"adapter {lora_id!r} was made for {metadata.base_model!r}; this engine trains {self.base_model!r}"
             )
-        path = self.store.adapter_path(lora_id)
+        path = self.store.snapshot_path(lora_id)  # one consistent snapshot for weights and optimizer state
         name = peft_adapter_name(lora_id)
         self._attach(name, path=path)
         try:

@@ -1,0 +1,1 @@
+"""Training: the SDPO loss, the teacher, the resident trainer, adapter storage and the training engines."""
