@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+def _check_prompt(prompt: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+    if isinstance(prompt, str) and not prompt.strip():
+        raise ValueError("prompt must not be empty")
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError("prompt messages must not be empty")
+    return prompt
+
 
 LossMode = Literal["student_topk", "teacher_topk", "full"]
 
@@ -57,17 +65,10 @@ class FeedbackItem(BaseModel):
     system_prompt: str | None = None
     training: TrainingConfig | None = None
 
-    @model_validator(mode="after")
-    def _prompt_not_empty(self) -> FeedbackItem:
-        if isinstance(self.prompt, str) and not self.prompt.strip():
-            raise ValueError("prompt must not be empty")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt messages must not be empty")
-        return self
-
-
-class FeedbackBatchItem(FeedbackItem):
-    pass
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, prompt: Any) -> Any:
+        return _check_prompt(prompt)
 
 
 class FeedbackRequest(BaseModel):
@@ -85,6 +86,11 @@ class FeedbackRequest(BaseModel):
     training: TrainingConfig | None = None
     requests: list[FeedbackItem] | None = Field(None, min_length=1, max_length=64)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, prompt: Any) -> Any:
+        return _check_prompt(prompt)
 
     def items(self) -> list[FeedbackItem]:
         if self.requests is not None:
