@@ -69,7 +69,8 @@ class LoraLocks:
             await asyncio.wait_for(lock.acquire(), timeout=timeout_s)
         except TimeoutError:
             raise ConflictError(
-                f"adapter {lora_id!r} is busy with another update; waited {timeout_s:.0f}s (CLAAS_FEEDBACK_LOCK_TIMEOUT_S)"
+                f"adapter {lora_id!r} is busy with another update; "
+                f"waited {timeout_s:.0f}s (CLAAS_FEEDBACK_LOCK_TIMEOUT_S)"
             ) from None
         try:
             store = getattr(engine, "store", None)
@@ -113,7 +114,7 @@ def _cached_for(item: FeedbackItem, cache: CompletionCache) -> CachedCompletion 
     if item.completion_id:
         entry = cache.get(item.completion_id)
         if entry is None:
-            raise NotFoundError(f"completion {item.completion_id!r} is not in the completion cache (expired or unknown)")
+            raise NotFoundError(f"completion {item.completion_id!r} is not in the completion cache (expired/unknown)")
         return entry
     entry = cache.find(item.response)
     if entry is None:
@@ -280,7 +281,9 @@ def _write_log(
         "timestamp": now.isoformat(),
         "lora_id": tx.lora_id,
         "status": "ok" if failure is None else "error",
-        "error": None if failure is None else {"phase": tx.phase, "message": str(failure), "type": type(failure).__name__},
+        "error": None
+        if failure is None
+        else {"phase": tx.phase, "message": str(failure), "type": type(failure).__name__},
         "items": [
             {
                 "prompt": item.prompt,

