@@ -100,8 +100,8 @@ def convert_gguf(source: ModelSource, cache_dir: Path) -> Path:
 
         gguf = gguf_path(source)
         logger.info("converting %s to safetensors under %s (one time)", gguf, target)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer: Any = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already plain floats after loading; save_pretrained refuses while the GGUF quantizer
         # is attached, so detach it and drop the quantization entry from the config.
         model.hf_quantizer = None

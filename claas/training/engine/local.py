@@ -64,8 +64,9 @@ class LocalEngine(TrainingEngine):
     async def warmup(self) -> None:
         """Load the base model now instead of on the first request."""
         await self._on_worker(self.trainer.ensure_loaded)
-        if self._remote_teacher is not None:
-            await self._on_worker(lambda: self._remote_teacher.check_tokenizer(self.trainer.tokenizer))  # type: ignore[union-attr]
+        remote = self._remote_teacher
+        if remote is not None:
+            await self._on_worker(lambda: remote.check_tokenizer(self.trainer.tokenizer))
 
     async def distill(self, batch: DistillBatch) -> DistillResult:
         return await self._on_worker(lambda: self.trainer.step(batch))
