@@ -33,11 +33,11 @@ ServicesDep = Annotated[FeedbackServices, Depends(feedback_services)]
 @router.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, services: ServicesDep, auth: AuthDep) -> dict[str, Any]:
     items = body.items()
-    auth.require_lora(items[0].lora_id)
+    auth.require(items[0].lora_id)
     return await run_feedback(services, items, body.orchestration)
 
 
 @router.post("/v1/distill")
 async def distill(body: DistillRequest, services: ServicesDep, auth: AuthDep) -> dict[str, Any]:
-    auth.require_lora(body.lora_id)
+    auth.require(body.lora_id)
     return await run_feedback(services, [body], OrchestrationConfig(), save_mode="version")

@@ -16,7 +16,7 @@ router = APIRouter(tags=["lora"])
 @router.post("/v1/lora/init")
 async def init_lora(body: LoraInitRequest, engine: EngineDep, inference: InferenceDep, auth: AuthDep) -> LoraInfo:
     validate_lora_id(body.lora_id)
-    auth.require_lora(body.lora_id)
+    auth.require(body.lora_id)
     info = await engine.init_lora(body)
     # Servable at once: load it on the inference server under its lora_id.
     ref = await engine.lora_runtime_ref(body.lora_id)
@@ -27,14 +27,14 @@ async def init_lora(body: LoraInitRequest, engine: EngineDep, inference: Inferen
 @router.get("/v1/lora")
 async def list_loras(engine: EngineDep, auth: AuthDep, prefix: str = "") -> dict[str, Any]:
     loras = await engine.list_loras(prefix)
-    visible = [lora for lora in loras if auth.may_access(lora.lora_id)]
+    visible = [lora for lora in loras if auth.allows(lora.lora_id)]
     return {"loras": [lora.model_dump() for lora in visible]}
 
 
 @router.get("/v1/lora/export")
 async def export_lora(engine: EngineDep, auth: AuthDep, lora_id: str = Query(min_length=1)) -> Response:
     validate_lora_id(lora_id, allow_version=True)
-    auth.require_lora(lora_id)
+    auth.require(lora_id)
     data = await engine.export_lora(lora_id)
     filename = lora_id.replace("/", "__").replace("@", "_") + ".zip"
     return Response(data, media_type="application/zip",
@@ -46,7 +46,7 @@ async def delete_lora(
     engine: EngineDep, inference: InferenceDep, auth: AuthDep, lora_id: str = Query(min_length=1)
 ) -> dict[str, Any]:
     validate_lora_id(lora_id, allow_version=True)
-    auth.require_lora(lora_id)
+    auth.require(lora_id)
     await engine.delete_lora(lora_id)
     await inference.unload_lora_adapter(lora_id, missing_ok=True)
     return {"deleted": lora_id}

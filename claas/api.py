@@ -1,0 +1,163 @@
+"""The CLaaS API: `build_app(settings) -> FastAPI`, served as `uvicorn claas.api:web_app` (or `claas api`).
+
+The factory is cheap: it wires routes, middleware and error handlers. The lifespan owns the resources: the httpx
+client to the inference server (`VllmClient`), the `CompletionCache` and the training engine (built from settings
+unless one is passed in), kept on `app.state` and reached through the aliases in `claas.deps`; closed in `finally`.
+
+Request bodies over `max_request_bytes` get 413 (declared Content-Length or counted while streaming in). With
+`CLAAS_API_KEYS` set, routes that take `AuthDep` need a bearer key. `/metrics` is Prometheus text, unauthenticated
+like vLLM's own.
+
+Not here: route logic (claas.routes.*), services (claas.inference.proxy, claas.feedback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import claas
+from claas.auth import ApiKeys
+from claas.core.config import Settings, get_settings
+from claas.errors import PayloadTooLargeError, install_error_handlers
+from claas.inference.cache import CompletionCache
+from claas.inference.vllm import VllmClient
+from claas.observability import Metrics, MetricsMiddleware, metrics_endpoint
+from claas.training.engine import get_training_engine
+from claas.training.engine.base import TrainingEngine
+
+logger = logging.getLogger(__name__)
+
+#: Routers included when their module exists (the lead's feedback/lora/health routers land separately).
+ROUTER_MODULES = ("claas.routes.inference", "claas.routes.feedback", "claas.routes.lora", "claas.routes.health")
+
+
+def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None = None) -> FastAPI:
+    """The API app. A passed-in `engine` stays owned by the caller (not closed by the lifespan)."""
+    settings = settings if settings is not None else get_settings()
+    metrics = Metrics.create()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
+        inference = VllmClient(settings.vllm_base_url, api_key=settings.vllm_api_key, timeout_s=settings.vllm_timeout_s)
+        training = engine
+        try:
+            if training is None:
+                training = get_training_engine(settings.training_engine, settings)
+            app.state.inference = inference
+            app.state.cache = CompletionCache(
+                settings.completion_cache_size, settings.completion_cache_ttl_s, on_lookup=metrics.record_cache_lookup
+            )
+            app.state.engine = training
+            logger.info("CLaaS API ready: inference server %s, engine %s", settings.vllm_base_url, training.kind)
+            yield
+        finally:
+            try:
+                if engine is None and training is not None:
+                    await training.close()
+            finally:
+                await inference.aclose()
+
+    app = FastAPI(title="CLaaS", version=claas.__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.api_keys = ApiKeys.parse(settings.api_keys)
+
+    install_error_handlers(app)
+    for module_name in ROUTER_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            app.include_router(importlib.import_module(module_name).router)
+    app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+
+    # add_middleware puts each new middleware outside the previous: metrics see the 413s too.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over `max_bytes`: at once from Content-Length, else while the body is read (chunked uploads).
+
+    Pure ASGI. When the streamed body overflows, the app's own answer (FastAPI turns the read error into a 400) is
+    dropped and the 413 sent instead.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._reject(send)
+            return
+        received = 0
+        overflow = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, overflow
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    overflow = True
+                    raise self._error()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if overflow and not started:
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not overflow:
+                raise
+        if overflow and not started:
+            await self._reject(send)
+
+    def _error(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"request body exceeds the limit of {self.max_bytes} bytes (CLAAS_MAX_REQUEST_BYTES)"
+        )
+
+    async def _reject(self, send: Send) -> None:
+        error = self._error()
+        body = json.dumps(error.to_body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def __getattr__(name: str) -> Any:
+    """`claas.api:web_app` is built on first access (uvicorn's import), not at import time."""
+    if name == "web_app":
+        app = build_app()
+        globals()["web_app"] = app
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

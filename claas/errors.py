@@ -1,0 +1,249 @@
+"""The one error channel: typed exceptions with a status code, and the handlers that render them.
+
+Services raise a `ClaasError` subclass; `install_error_handlers(app)` (called by `build_app`) renders every error the
+same way, OpenAI's shape, which the official clients parse:
+
+    {"error": {"message": "...", "type": "...", "param": null | "field", "code": <http status>}}
+
+Validation errors are 400 on the OpenAI-compatible routes (as OpenAI and vLLM answer) and 422 naming the field on
+CLaaS's own routes. The adapter store's exceptions (`claas.training.storage`) are mapped here too.
+
+Not here: retry policy or logging of business events; services decide what to raise, this module only renders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from claas.training.storage import InvalidLoraIdError, LoraExistsError, LoraLockTimeoutError, LoraNotFoundError
+
+logger = logging.getLogger(__name__)
+
+#: Routes that answer validation errors like OpenAI / vLLM (400) rather than like CLaaS's own API (422).
+OPENAI_COMPATIBLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/score", "/v1/models"})
+
+
+class ClaasError(Exception):
+    """Base of every error a service raises on purpose. Subclasses fix `status_code` and `error_type`."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+    def to_body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.status_code, param=self.param)
+
+
+class InvalidRequestError(ClaasError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class UnauthorizedError(ClaasError):
+    status_code = 401
+    error_type = "authentication_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class ForbiddenError(ClaasError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(ClaasError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class ConflictError(ClaasError):
+    status_code = 409
+    error_type = "conflict_error"
+
+
+class PayloadTooLargeError(ClaasError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class UnprocessableError(ClaasError):
+    status_code = 422
+    error_type = "invalid_request_error"
+
+
+class UpstreamUnavailableError(ClaasError):
+    """The inference server could not be reached; the message names the URL that failed."""
+
+    status_code = 503
+    error_type = "upstream_unavailable"
+
+
+class UpstreamTimeoutError(UpstreamUnavailableError):
+    status_code = 504
+    error_type = "upstream_timeout"
+
+
+class UpstreamError(ClaasError):
+    """The inference server answered with an error: its status, type and message are relayed unchanged."""
+
+    def __init__(self, status_code: int, message: str, *, error_type: str | None = None, param: str | None = None):
+        super().__init__(message, param=param)
+        self.status_code = status_code
+        self.error_type = error_type or ("server_error" if status_code >= 500 else "invalid_request_error")
+
+
+class PhaseFailedError(ClaasError):
+    """A step of a multi-phase operation (the feedback transaction) failed; the message names the phase."""
+
+    error_type = "phase_failed"
+
+    def __init__(self, phase: str, cause: BaseException | str, *, status_code: int = 500) -> None:
+        detail = cause.message if isinstance(cause, ClaasError) else str(cause) or type(cause).__name__
+        super().__init__(f"phase '{phase}' failed: {detail}")
+        self.phase = phase
+        self.cause = cause
+        self.status_code = status_code
+
+
+def error_body(message: str, error_type: str, code: int, *, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(exc: ClaasError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers())
+
+
+def parse_upstream_error(status_code: int, content: bytes) -> tuple[str, str | None, str | None]:
+    """(message, type, param) from an upstream error body: `{"error": {...}}`, flat `{"object": "error", ...}`,
+    FastAPI's `{"detail": ...}`, or plain text."""
+    text = content.decode("utf-8", errors="replace").strip()
+    try:
+        body = json.loads(text) if text else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict):
+            body = inner
+        elif isinstance(inner, str):  # some servers send {"error": "message"}
+            body = {"message": inner}
+        if "message" in body:
+            param = body.get("param")
+            return str(body["message"]), body.get("type"), param if isinstance(param, str) else None
+        if "detail" in body:
+            return _detail_message(body["detail"]), None, None
+    return text or f"HTTP {status_code} with an empty body", None, None
+
+
+def _detail_message(detail: Any) -> str:
+    if isinstance(detail, list):
+        return "; ".join(_format_validation_error(err) for err in detail if isinstance(err, dict))
+    return str(detail)
+
+
+def _field_name(loc: Sequence[Any]) -> str:
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(str(part) for part in parts)
+
+
+def _format_validation_error(err: dict[str, Any]) -> str:
+    field = _field_name(err.get("loc", ()))
+    return f"{field}: {err.get('msg', 'invalid value')}" if field else str(err.get("msg", "invalid value"))
+
+
+def validation_error_body(errors: Sequence[Any], *, status_code: int) -> dict[str, Any]:
+    """One message for all errors; `param` is the first failing field (loc joined with '.')."""
+    errs = [err for err in errors if isinstance(err, dict)]
+    message = "; ".join(_format_validation_error(err) for err in errs) or "invalid request"
+    param = _field_name(errs[0].get("loc", ())) if errs else None
+    return error_body(message, "invalid_request_error", status_code, param=param or None)
+
+
+_HTTP_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+}
+
+
+async def _claas_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ClaasError)
+    if exc.status_code >= 500:
+        logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.message)
+    return error_response(exc)
+
+
+async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    status = 400 if request.url.path in OPENAI_COMPATIBLE_PATHS else 422
+    return JSONResponse(validation_error_body(exc.errors(), status_code=status), status_code=status)
+
+
+async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    error_type = _HTTP_ERROR_TYPES.get(
+        exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    )
+    body = error_body(str(exc.detail), error_type, exc.status_code)
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", 500)
+    return JSONResponse(body, status_code=500)
+
+
+def _storage_error_map() -> dict[type[Exception], tuple[type[ClaasError], str | None]]:
+    """The adapter store's exceptions and the ClaasError each one becomes."""
+    return {
+        LoraNotFoundError: (NotFoundError, "lora_id"),
+        InvalidLoraIdError: (UnprocessableError, "lora_id"),
+        LoraExistsError: (ConflictError, "lora_id"),
+        LoraLockTimeoutError: (ConflictError, "lora_id"),
+    }
+
+
+def as_claas_error(exc: BaseException) -> ClaasError | None:
+    """The ClaasError an exception is rendered as, or None for an unexpected error (a bug: 500)."""
+    if isinstance(exc, ClaasError):
+        return exc
+    for source, (target, param) in _storage_error_map().items():
+        if isinstance(exc, source):
+            return target(str(exc), param=param)
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClaasError, _claas_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(Exception, _unhandled_error_handler)
+    for source, (target, param) in _storage_error_map().items():
+
+        async def _storage_handler(request: Request, exc: Exception, _t=target, _p=param) -> JSONResponse:
+            return error_response(_t(str(exc), param=_p))
+
+        app.add_exception_handler(source, _storage_handler)
