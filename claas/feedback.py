@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Literal
 
 from claas.core.config import Settings
 from claas.core.types import DistillBatch, FeedbackItem, OrchestrationConfig, TrainingConfig, TrainingExample
-from claas.errors import ClaasError, ConflictError, NotFoundError, PhaseFailedError
+from claas.errors import ClaasError, ConflictError, NotFoundError, PhaseFailedError, UnprocessableError
 from claas.inference.cache import CachedCompletion, CompletionCache
 from claas.inference.helpers import normalize_text
 from claas.inference.vllm import VllmClient
@@ -37,11 +37,8 @@ logger = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 30.0
 
 
-class TrainingInputError(ClaasError):
+class TrainingInputError(UnprocessableError):
     """The feedback cannot be trained on as sent (e.g. rollout_logprobs do not match the response tokens)."""
-
-    status_code = 422
-    error_type = "invalid_request_error"
 
 
 @dataclass
@@ -116,7 +113,8 @@ def _cached_for(item: FeedbackItem, cache: CompletionCache) -> CachedCompletion 
         if entry is None:
             raise NotFoundError(f"completion {item.completion_id!r} is not in the completion cache (expired/unknown)")
         return entry
-    entry = cache.find(item.response)
+    # Prefer the completion this adapter served; the same text served by another model is still exact tokens.
+    entry = cache.find(item.response, model=item.lora_id) or cache.find(item.response)
     if entry is None:
         return None
     # Same answer text but a different question: not the completion this feedback is about.

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from claas.core.models import LoadedModel, load_model
 from claas.core.types import DistillBatch, DistillResult, LoraInitRequest, TrainingConfig, TrainingExample
 from claas.training.sdpo_loss import sdpo_loss
-from claas.training.storage import LoraMetadata, LoraNotFoundError, LoraStore
+from claas.training.storage import LoraExistsError, LoraMetadata, LoraNotFoundError, LoraStore, validate_lora_id
 from claas.training.teacher import RemoteTeacher, chat_prompt_ids, teacher_messages
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,10 @@ class DistillationTrainer:
             raise AdapterIncompatibleError(
                 f"this engine trains on base model {self.base_model!r}, not {request.base_model!r}"
             )
+        validate_lora_id(request.lora_id)
+        if self.store.exists(request.lora_id):
+            raise LoraExistsError(f"adapter {request.lora_id!r} already exists")
+        self.evict(request.lora_id)  # a stale hot copy of an adapter deleted by another process
         target_modules = request.target_modules or DEFAULT_TARGET_MODULES
         config = LoraConfig(
             r=request.lora_r or self._default_rank,

@@ -41,7 +41,8 @@ class LocalEngine(TrainingEngine):
     shares_inference_device = True
 
     def __init__(self, settings: Settings, *, trainer: DistillationTrainer | None = None) -> None:
-        self.store = LoraStore(settings.lora_root)
+        # A trainer handed in (tests, benchmarks share one resident model) brings its own store.
+        self.store = trainer.store if trainer is not None else LoraStore(settings.lora_root)
         remote = None
         if settings.remote_teacher_url and settings.remote_teacher_model:
             remote = RemoteTeacher(settings.remote_teacher_url, settings.remote_teacher_model)
