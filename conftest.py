@@ -52,6 +52,11 @@ def threaded_uvicorn() -> type[ThreadedServer]:
 
 
 @pytest.fixture(scope="session")
+def free_port_factory() -> Any:
+    return free_port
+
+
+@pytest.fixture(scope="session")
 def trainer_store(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from claas.training.storage import LoraStore
 

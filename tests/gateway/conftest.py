@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
-import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -136,36 +132,6 @@ def make_gateway(tmp_path: Path):
     return factory
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ThreadedServer:
-    """A real uvicorn server for an ASGI app, in a background thread with its own event loop."""
-
-    def __init__(self, app: Any, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadedServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn on port {self.port} did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture
 def fake_engine() -> FakeEngine:
     return FakeEngine()
@@ -182,13 +148,13 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-def unused_port() -> Callable[[], int]:
-    return free_port
+def unused_port(free_port_factory: Callable[[], int]) -> Callable[[], int]:
+    return free_port_factory
 
 
 @pytest.fixture
-def threaded_server() -> type[ThreadedServer]:
-    return ThreadedServer
+def threaded_server(threaded_uvicorn: Any) -> Any:
+    return threaded_uvicorn
 
 
 @dataclass
@@ -201,11 +167,11 @@ class LiveGateway:
 
 
 @pytest.fixture(scope="session")
-def live_gateway(model_server, tmp_path_factory) -> Iterator[LiveGateway]:
+def live_gateway(model_server, threaded_uvicorn, tmp_path_factory) -> Iterator[LiveGateway]:
     """The gateway as a real uvicorn server on a free 127.0.0.1 port in front of the real model server, with a fake
     training engine (the proxy needs only `lora_exists` / `lora_runtime_ref`)."""
     engine = FakeEngine()
     settings = gateway_settings(tmp_path_factory.mktemp("gateway"), vllm_base_url=model_server.base_url)
     app = build_app(settings, engine=engine)
-    with ThreadedServer(app) as server:
+    with threaded_uvicorn(app) as server:
         yield LiveGateway(server.base_url, app, engine, model_server.base_url, model_server.model)
