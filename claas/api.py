@@ -13,8 +13,6 @@ Not here: route logic (claas.routes.*), services (claas.inference.proxy, claas.f
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 from collections.abc import AsyncGenerator
@@ -31,13 +29,16 @@ from claas.errors import PayloadTooLargeError, install_error_handlers
 from claas.inference.cache import CompletionCache
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics, MetricsMiddleware, metrics_endpoint
+from claas.routes import feedback as feedback_routes
+from claas.routes import health as health_routes
+from claas.routes import inference as inference_routes
+from claas.routes import lora as lora_routes
 from claas.training.engine import get_training_engine
 from claas.training.engine.base import TrainingEngine
 
 logger = logging.getLogger(__name__)
 
 #: Routers included when their module exists (the lead's feedback/lora/health routers land separately).
-ROUTER_MODULES = ("claas.routes.inference", "claas.routes.feedback", "claas.routes.lora", "claas.routes.health")
 
 
 def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None = None) -> FastAPI:
@@ -52,6 +53,7 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
         try:
             if training is None:
                 training = get_training_engine(settings.training_engine, settings)
+                await training.warmup()  # load the base model now, not on the first feedback
             app.state.inference = inference
             app.state.cache = CompletionCache(
                 settings.completion_cache_size, settings.completion_cache_ttl_s, on_lookup=metrics.record_cache_lookup
@@ -72,9 +74,8 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
     app.state.api_keys = ApiKeys.parse(settings.api_keys)
 
     install_error_handlers(app)
-    for module_name in ROUTER_MODULES:
-        if importlib.util.find_spec(module_name) is not None:
-            app.include_router(importlib.import_module(module_name).router)
+    for router in (inference_routes.router, feedback_routes.router, lora_routes.router, health_routes.router):
+        app.include_router(router)
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
     # add_middleware puts each new middleware outside the previous: metrics see the 413s too.

@@ -249,7 +249,9 @@ def test_lock_timeout_is_409(feedback_gateway: Any, monkeypatch: pytest.MonkeyPa
     assert "being updated" in reply.json()["error"]["message"]
 
 
-def test_failure_in_a_phase_keeps_adapter_and_wakes_server(feedback_gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_in_a_phase_keeps_adapter_and_wakes_server(
+    feedback_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gw = feedback_gateway
     lora_id = new_lora(gw, rank=4)
     store = gw.engine.store

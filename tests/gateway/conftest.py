@@ -36,6 +36,9 @@ class FakeEngine(TrainingEngine):
         self.calls: list[tuple[str, Any]] = []
         self.closed = False
 
+    async def warmup(self) -> None:
+        self.calls.append(("warmup", None))
+
     async def distill(self, batch: DistillBatch) -> DistillResult:
         self.calls.append(("distill", batch))
         return DistillResult(lora_id=batch.lora_id, step=1, metrics={}, timing_ms={})

@@ -18,6 +18,10 @@ class TrainingEngine(ABC):
     shares_inference_device: bool
 
     @abstractmethod
+    async def warmup(self) -> None:
+        """Load what the first request would otherwise wait for (the base model, a remote check)."""
+
+    @abstractmethod
     async def distill(self, batch: DistillBatch) -> DistillResult: ...
 
     @abstractmethod
