@@ -5,7 +5,8 @@ tokens, the teacher's distribution at the same positions (full logits, or top-K 
 teacher), the response ids and mask, and optionally the serving policy's and the frozen base's log-probs of the
 response tokens, compute the token-mean SDPO loss and its diagnostics. No model, no I/O, no batching across
 responses, no temperature, no double backward (the gradient w.r.t. the logits is computed block by block during the
-forward pass; see `sdpo_loss`).
+forward pass; see `sdpo_loss`). `sdpo_loss_from_hidden` is the same loss fused with the lm_head: it takes the final
+hidden states and the lm_head weight and forms each block's logits itself, so no [T, V] tensor ever exists.
 
 Conventions, checked against the reference code (lasgroup/SDPO, `verl/trainer/ppo/core_algos.py`,
 `compute_self_distillation_loss`) and TRL's `GKDTrainer.generalized_jsd_loss`:
@@ -31,19 +32,29 @@ the loss by ~1e-5 (relative) from its fp64 value, this form by ~1e-7 (benchmarks
 
 Memory: blocks of `chunk_size` positions; the gradient w.r.t. the logits is formed in closed form inside the [T, V]
 gradient buffer itself, so beyond that buffer (which any logits-in loss must return) the extra memory is a few
-[chunk, K] tensors in the top-K modes and O(chunk * V) in "full" mode or for bf16 / non-contiguous inputs.
+[chunk, K] tensors in the top-K modes and O(chunk * V) in "full" mode or for bf16 / non-contiguous inputs. The fused
+entry point needs O(chunk * V) for a block's logits plus the [T, H] gradient of the hidden states, and nothing [T, V].
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossMode", "SdpoLossOutput", "append_tail_bucket", "generalized_jsd", "k3_kl", "sdpo_loss"]
+__all__ = [
+    "LossMode",
+    "SdpoLossOutput",
+    "append_tail_bucket",
+    "generalized_jsd",
+    "k3_kl",
+    "sdpo_loss",
+    "sdpo_loss_from_hidden",
+]
 
 LossMode = Literal["student_topk", "teacher_topk", "full"]
 _MODES: tuple[str, ...] = get_args(LossMode)
@@ -52,7 +63,7 @@ _LOG_RATIO_BOUND = 20.0  # the reference clamps log(p / p_rollout) to [-20, 20] 
 
 @dataclass(frozen=True)
 class SdpoLossOutput:
-    loss: torch.Tensor  # scalar, differentiable w.r.t. student_logits
+    loss: torch.Tensor  # scalar, differentiable w.r.t. student_logits (student_hidden for the fused entry point)
     jsd: float  # mean per-token divergence (before IS weighting), unmasked tokens only
     kl_reg: float  # mean k3 KL to the base (0.0 if not computed)
     is_ratio_mean: float  # mean of the unclipped ratio exp(logp - logp_rollout) (1.0 without rollout logprobs)
@@ -148,9 +159,37 @@ def sdpo_loss(
     dloss/dx = scatter(g) - sum(g) * softmax(x), and softmax(x) is built in place in the buffer's rows. Autograd
     only sees the gathered student log-probs ([n, K] in the top-K modes, [n, V] in "full"), never a [T, V] tensor.
     Backward may run again with retain_graph=True; double backward (create_graph=True) is not supported.
+    To avoid the [T, V] logits and their [T, V] gradient altogether, use `sdpo_loss_from_hidden`.
     """
-    _validate(
-        student_logits=student_logits,
+    _validate_settings(alpha=alpha, is_clip=is_clip, kl_reg_weight=kl_reg_weight, top_k=top_k, mode=mode,
+                       chunk_size=chunk_size)
+    if student_logits.dim() != 2 or not student_logits.is_floating_point():
+        raise ValueError(f"student_logits must be a float [T, V] tensor, got {student_logits.dtype} "
+                         f"{tuple(student_logits.shape)}")
+    num_positions, vocab = student_logits.shape
+    if vocab < 1:
+        raise ValueError("student_logits has an empty vocabulary dimension")
+    if teacher_logits is not None and tuple(teacher_logits.shape) != (num_positions, vocab):
+        raise ValueError(f"teacher_logits must have the shape of student_logits {(num_positions, vocab)}, "
+                         f"got {tuple(teacher_logits.shape)}")
+    _validate_side_inputs(
+        num_positions=num_positions,
+        vocab=vocab,
+        teacher_full=teacher_logits,
+        teacher_name="teacher_logits",
+        response_ids=response_ids,
+        response_mask=response_mask,
+        kl_reg_weight=kl_reg_weight,
+        mode=mode,
+        teacher_topk_logprobs=teacher_topk_logprobs,
+        teacher_topk_ids=teacher_topk_ids,
+        rollout_logprobs=rollout_logprobs,
+        base_logprobs=base_logprobs,
+    )
+    cdtype = torch.promote_types(student_logits.dtype, torch.float32)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    grad_logits = torch.zeros_like(student_logits, memory_format=torch.contiguous_format) if need_grad else None
+    run = _LossRun(
         response_ids=response_ids,
         response_mask=response_mask,
         alpha=alpha,
@@ -158,90 +197,247 @@ def sdpo_loss(
         kl_reg_weight=kl_reg_weight,
         top_k=top_k,
         mode=mode,
-        teacher_logits=teacher_logits,
         teacher_topk_logprobs=teacher_topk_logprobs,
         teacher_topk_ids=teacher_topk_ids,
         rollout_logprobs=rollout_logprobs,
         base_logprobs=base_logprobs,
-        chunk_size=chunk_size,
+        num_positions=num_positions,
+        cdtype=cdtype,
+        device=student_logits.device,
+        need_grad=need_grad,
     )
-    num_positions = student_logits.shape[0]
-    device = student_logits.device
-    cdtype = torch.promote_types(student_logits.dtype, torch.float32)
-    mask = response_mask.to(device=device, dtype=torch.bool)  # [T]
-    positions = mask.nonzero().squeeze(1)  # [N] unmasked positions
-    num_tokens = int(positions.numel())
-    denominator = float(max(num_tokens, 1))
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    grad_logits = torch.zeros_like(student_logits, memory_format=torch.contiguous_format) if need_grad else None
-
-    loss_sum = torch.zeros((), dtype=cdtype, device=device)
-    jsd_sum = torch.zeros((), dtype=cdtype, device=device)
-    k3_sum = torch.zeros((), dtype=cdtype, device=device)
-    ratio_sum = torch.zeros((), dtype=cdtype, device=device)
-    clipped = torch.zeros((), dtype=torch.long, device=device)
-    token_logprobs = torch.zeros(num_positions, dtype=cdtype, device=device)  # [T]
-
-    for start in range(0, num_tokens, chunk_size):
-        block = _Block(positions[start : start + chunk_size])
+    for block in run.blocks(chunk_size):
         with torch.no_grad():
             x = block.take(student_logits).detach()  # [n, V] a view when the block is a contiguous run
             scratch, scratch_is_grad = block.scratch(grad_logits, x, cdtype)  # [n, V] the gradient's rows if possible
+        run.add_block(block, x, scratch, teacher_logits=block.take(teacher_logits))
+        if grad_logits is not None and not scratch_is_grad:
+            with torch.no_grad():
+                block.put(grad_logits, scratch)
+    return run.output(student_logits, grad_logits)
+
+
+def sdpo_loss_from_hidden(
+    *,
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    alpha: float,
+    is_clip: float,
+    kl_reg_weight: float,
+    top_k: int,
+    mode: LossMode,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    teacher_topk_ids: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    base_logprobs: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    chunk_size: int = 256,
+) -> SdpoLossOutput:
+    """`sdpo_loss` fused with the lm_head: takes final hidden states and never builds the [T, V] logits.
+
+    Equal to `sdpo_loss(student_logits=z(student_hidden), teacher_logits=z(teacher_hidden), ...)` with
+    z(h) = (h @ lm_head_weight.T + lm_head_bias).to(promote_types(h.dtype, float32)) * logit_scale: the product runs
+    in the hidden states' dtype (as the model's own lm_head does) and each block's logits are cast up, like
+    `model(...).logits.float()`. The loss backpropagates into student_hidden only.
+
+    Args:
+        student_hidden: [T, H] final-norm hidden states at the positions that predict each response token (the
+            input of the model's lm_head), usually requiring grad.
+        lm_head_weight: [V, H] the lm_head (output embedding) weight, same dtype and device as student_hidden.
+            Frozen: no gradient is returned for it, so it must not require grad while grad is enabled (pass
+            `.detach()`; to train the lm_head use `sdpo_loss` on materialized logits).
+        teacher_hidden: [T, H] the teacher's final hidden states under the same lm_head (self-teacher); its logits are
+            formed block by block, with no gradient. Plays the role of `teacher_logits` in every mode.
+        lm_head_bias: [V] optional bias of the lm_head (frozen, like the weight).
+        logit_scale: > 0; multiplies the logits (1.0 for Llama / Qwen).
+        chunk_size: unmasked positions per block; peak extra memory is O(chunk_size * V) for the block's logits plus
+            the [T, H] gradient of the hidden states.
+        Everything else: as in `sdpo_loss` (V = lm_head_weight.shape[0]).
+
+    Per block of n positions: the student's and the teacher's [n, V] logits, the block's loss terms and the closed-form
+    gradient w.r.t. the logits exactly as in `sdpo_loss` (same code), then dloss/dh = (dloss/dlogits * logit_scale)
+    @ lm_head_weight (in the weight's dtype, as autograd through the lm_head would do) into the [T, H] gradient.
+    """
+    _validate_settings(alpha=alpha, is_clip=is_clip, kl_reg_weight=kl_reg_weight, top_k=top_k, mode=mode,
+                       chunk_size=chunk_size)
+    _validate_hidden(student_hidden=student_hidden, lm_head_weight=lm_head_weight, teacher_hidden=teacher_hidden,
+                     lm_head_bias=lm_head_bias, logit_scale=logit_scale)
+    num_positions, vocab = student_hidden.shape[0], lm_head_weight.shape[0]
+    _validate_side_inputs(
+        num_positions=num_positions,
+        vocab=vocab,
+        teacher_full=teacher_hidden,
+        teacher_name="teacher_hidden",
+        response_ids=response_ids,
+        response_mask=response_mask,
+        kl_reg_weight=kl_reg_weight,
+        mode=mode,
+        teacher_topk_logprobs=teacher_topk_logprobs,
+        teacher_topk_ids=teacher_topk_ids,
+        rollout_logprobs=rollout_logprobs,
+        base_logprobs=base_logprobs,
+    )
+    cdtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    need_grad = torch.is_grad_enabled() and student_hidden.requires_grad
+    grad_hidden = torch.zeros_like(student_hidden, memory_format=torch.contiguous_format) if need_grad else None
+    weight = lm_head_weight.detach()  # [V, H]
+    bias = None if lm_head_bias is None else lm_head_bias.detach()  # [V]
+
+    def block_logits(hidden_rows: torch.Tensor) -> torch.Tensor:
+        """[n, H] -> [n, V] logits, fresh. Left in the lm_head's dtype when unscaled: the block maths casts what it
+        reads to cdtype exactly as a cast of the whole block would (bf16 -> fp32 is exact), at half the memory."""
+        with torch.no_grad():
+            logits = F.linear(hidden_rows.detach(), weight, bias)
+            if logit_scale != 1.0:
+                logits = logits.to(cdtype).mul_(logit_scale)
+        return logits
+
+    run = _LossRun(
+        response_ids=response_ids,
+        response_mask=response_mask,
+        alpha=alpha,
+        is_clip=is_clip,
+        kl_reg_weight=kl_reg_weight,
+        top_k=top_k,
+        mode=mode,
+        teacher_topk_logprobs=teacher_topk_logprobs,
+        teacher_topk_ids=teacher_topk_ids,
+        rollout_logprobs=rollout_logprobs,
+        base_logprobs=base_logprobs,
+        num_positions=num_positions,
+        cdtype=cdtype,
+        device=student_hidden.device,
+        need_grad=need_grad,
+    )
+    for block in run.blocks(chunk_size):
+        x = block_logits(block.take(student_hidden))  # [n, V]
+        teacher_rows = None if teacher_hidden is None else block_logits(block.take(teacher_hidden))  # [n, V]
+        if teacher_rows is not None and teacher_rows.dtype == cdtype:
+            scratch = teacher_rows  # ours and read before it is written: one [n, V] buffer fewer
+        else:
+            scratch = torch.empty(x.shape, dtype=cdtype, device=x.device)  # [n, V] ends up holding dloss/dx
+        run.add_block(block, x, scratch, teacher_logits=teacher_rows)
+        del x, teacher_rows  # free the block's logits before the gradient product
+        if grad_hidden is not None:
+            with torch.no_grad():
+                if logit_scale != 1.0:
+                    scratch.mul_(logit_scale)
+                block.put(grad_hidden, scratch.to(weight.dtype) @ weight)  # [n, H]
+        del scratch
+    return run.output(student_hidden, grad_hidden)
+
+
+class _LossRun:
+    """One evaluation of the loss, shared by both entry points: the settings, the per-position side inputs, the
+    unmasked positions and the running sums. `add_block` holds all the maths of a block of positions; the entry points
+    only differ in where a block's logits come from and where its gradient goes."""
+
+    def __init__(
+        self,
+        *,
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        alpha: float,
+        is_clip: float,
+        kl_reg_weight: float,
+        top_k: int,
+        mode: LossMode,
+        teacher_topk_logprobs: torch.Tensor | None,
+        teacher_topk_ids: torch.Tensor | None,
+        rollout_logprobs: torch.Tensor | None,
+        base_logprobs: torch.Tensor | None,
+        num_positions: int,
+        cdtype: torch.dtype,
+        device: torch.device,
+        need_grad: bool,
+    ) -> None:
+        self.response_ids = response_ids
+        self.alpha, self.is_clip, self.kl_reg_weight = alpha, is_clip, kl_reg_weight
+        self.top_k, self.mode = top_k, mode
+        self.teacher_topk_logprobs, self.teacher_topk_ids = teacher_topk_logprobs, teacher_topk_ids
+        self.rollout_logprobs, self.base_logprobs = rollout_logprobs, base_logprobs
+        self.cdtype, self.need_grad = cdtype, need_grad
+        mask = response_mask.to(device=device, dtype=torch.bool)  # [T]
+        self.positions = mask.nonzero().squeeze(1)  # [N] unmasked positions
+        self.num_tokens = int(self.positions.numel())
+        self.denominator = float(max(self.num_tokens, 1))
+        self.loss_sum = torch.zeros((), dtype=cdtype, device=device)
+        self.jsd_sum = torch.zeros((), dtype=cdtype, device=device)
+        self.k3_sum = torch.zeros((), dtype=cdtype, device=device)
+        self.ratio_sum = torch.zeros((), dtype=cdtype, device=device)
+        self.clipped = torch.zeros((), dtype=torch.long, device=device)
+        self.token_logprobs = torch.zeros(num_positions, dtype=cdtype, device=device)  # [T]
+
+    def blocks(self, chunk_size: int) -> Iterator[_Block]:
+        for start in range(0, self.num_tokens, chunk_size):
+            yield _Block(self.positions[start : start + chunk_size])
+
+    def add_block(
+        self, block: _Block, x: torch.Tensor, scratch: torch.Tensor, *, teacher_logits: torch.Tensor | None
+    ) -> None:
+        """Add one block's terms, given its student logits x [n, V] and the teacher's logits [n, V] (or None).
+
+        scratch: [n, V] in cdtype, not aliasing x (it may be the teacher's rows, see `_gather_block`); when a gradient
+        is wanted it is left holding dloss/dx.
+        """
+        with torch.no_grad():
             gathered = _gather_block(
-                x,
+                x.detach(),
                 scratch,
-                block.take(response_ids),
-                mode=mode,
-                top_k=top_k,
-                teacher_logits=block.take(teacher_logits),
-                teacher_topk_logprobs=block.take(teacher_topk_logprobs),
-                teacher_topk_ids=block.take(teacher_topk_ids),
+                block.take(self.response_ids),
+                mode=self.mode,
+                top_k=self.top_k,
+                teacher_logits=teacher_logits,
+                teacher_topk_logprobs=block.take(self.teacher_topk_logprobs),
+                teacher_topk_ids=block.take(self.teacher_topk_ids),
             )
         # Autograd from here on sees only the gathered [n, S] student log-probs and the [n] token log-probs.
-        with torch.enable_grad() if need_grad else torch.no_grad():
-            student = gathered.student.requires_grad_(need_grad)  # [n, S]
-            logp = gathered.token_logp.requires_grad_(need_grad)  # [n]
-            jsd = generalized_jsd(gathered.student_dist(student), gathered.teacher, alpha=alpha)  # [n]
-            if rollout_logprobs is None:
+        with torch.enable_grad() if self.need_grad else torch.no_grad():
+            student = gathered.student.requires_grad_(self.need_grad)  # [n, S]
+            logp = gathered.token_logp.requires_grad_(self.need_grad)  # [n]
+            jsd = generalized_jsd(gathered.student_dist(student), gathered.teacher, alpha=self.alpha)  # [n]
+            if self.rollout_logprobs is None:
                 weight = torch.ones_like(jsd)  # [n]
             else:
-                log_ratio = logp.detach() - block.take(rollout_logprobs).to(cdtype)
+                log_ratio = logp.detach() - block.take(self.rollout_logprobs).to(self.cdtype)
                 ratio = torch.exp(log_ratio.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND))  # [n]
-                weight = ratio.clamp(max=is_clip)  # detached: logp.detach() above
-                ratio_sum += ratio.sum()
-                clipped += (ratio > is_clip).sum()
+                weight = ratio.clamp(max=self.is_clip)  # detached: logp.detach() above
+                self.ratio_sum += ratio.sum()
+                self.clipped += (ratio > self.is_clip).sum()
             per_token = weight * jsd  # [n]
-            if kl_reg_weight > 0:
-                k3 = k3_kl(logp, block.take(base_logprobs).to(cdtype))  # [n]
-                per_token = per_token + kl_reg_weight * k3
-                k3_sum += k3.detach().sum()
-            block_loss = per_token.sum() / denominator
-        if grad_logits is not None:
+            if self.kl_reg_weight > 0:
+                k3 = k3_kl(logp, block.take(self.base_logprobs).to(self.cdtype))  # [n]
+                per_token = per_token + self.kl_reg_weight * k3
+                self.k3_sum += k3.detach().sum()
+            block_loss = per_token.sum() / self.denominator
+        if self.need_grad:
             g_student, g_token = torch.autograd.grad(
                 block_loss, (student, logp), allow_unused=True, materialize_grads=True
             )  # [n, S], [n]
             with torch.no_grad():
                 gathered.write_logit_grad(scratch, g_student, g_token)
-                if not scratch_is_grad:
-                    block.put(grad_logits, scratch)
-        loss_sum += block_loss.detach()
-        jsd_sum += jsd.detach().sum()
-        block.put(token_logprobs, logp.detach())
+        self.loss_sum += block_loss.detach()
+        self.jsd_sum += jsd.detach().sum()
+        block.put(self.token_logprobs, logp.detach())
 
-    if grad_logits is not None:
-        loss = _LossWithBlockGrad.apply(student_logits, loss_sum, grad_logits)
-    else:
-        loss = loss_sum
-    has_rollout = rollout_logprobs is not None and num_tokens > 0
-    return SdpoLossOutput(
-        loss=loss,
-        jsd=jsd_sum.item() / denominator,
-        kl_reg=k3_sum.item() / denominator,
-        is_ratio_mean=ratio_sum.item() / num_tokens if has_rollout else 1.0,
-        is_clip_fraction=clipped.item() / num_tokens if has_rollout else 0.0,
-        tokens=num_tokens,
-        student_logprobs=token_logprobs,
-    )
+    def output(self, source: torch.Tensor, grad: torch.Tensor | None) -> SdpoLossOutput:
+        """The result; with `grad` (dloss/dsource, already complete) the loss backpropagates into `source`."""
+        loss = self.loss_sum if grad is None else _LossWithBlockGrad.apply(source, self.loss_sum, grad)
+        num_tokens, denominator = self.num_tokens, self.denominator
+        has_rollout = self.rollout_logprobs is not None and num_tokens > 0
+        return SdpoLossOutput(
+            loss=loss,
+            jsd=self.jsd_sum.item() / denominator,
+            kl_reg=self.k3_sum.item() / denominator,
+            is_ratio_mean=self.ratio_sum.item() / num_tokens if has_rollout else 1.0,
+            is_clip_fraction=self.clipped.item() / num_tokens if has_rollout else 0.0,
+            tokens=num_tokens,
+            student_logprobs=self.token_logprobs,
+        )
 
 
 @dataclass
@@ -289,7 +485,10 @@ def _log_normalizer(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tenso
     fp64 value than torch.log_softmax's CPU kernel (measured: 6e-8 vs 8e-6 relative on the loss).
     """
     shift = z.amax(dim=-1, keepdim=True).to(scratch.dtype)  # [n, 1]
-    torch.sub(z, shift, out=scratch).exp_()  # [n, V]
+    if z.dtype == scratch.dtype:
+        torch.sub(z, shift, out=scratch).exp_()  # [n, V]
+    else:  # sub(bf16, fp32, out=fp32) would allocate an [n, V] fp32 temporary; the exact upcast in place does not
+        scratch.copy_(z).sub_(shift).exp_()  # [n, V]
     total = scratch.sum(dim=-1, keepdim=True)  # [n, 1]
     return shift + total.log(), total.reciprocal()
 
@@ -305,7 +504,12 @@ def _gather_block(
     teacher_topk_logprobs: torch.Tensor | None,
     teacher_topk_ids: torch.Tensor | None,
 ) -> _Gathered:
-    """Gather what the divergence needs from one block of student logits x [n, V] (and the teacher's rows)."""
+    """Gather what the divergence needs from one block of student logits x [n, V] (and the teacher's rows).
+
+    scratch: an [n, V] work buffer in the compute dtype, left holding exp(x - max). It must not alias x; it may be the
+    teacher_logits rows themselves when the caller gives them up (same dtype): every read of teacher_logits happens
+    before the first write to scratch.
+    """
     cdtype = scratch.dtype
     vocab = x.shape[-1]
     token_ids = ids.long().unsqueeze(-1)  # [n, 1]
@@ -313,13 +517,14 @@ def _gather_block(
     tail = renormalize = False
     if mode == "full" or (mode == "student_topk" and top_k >= vocab):
         support = None
-        teacher_all = _given(teacher_logits).to(cdtype)  # [n, V]
-        teacher = teacher_all - _log_normalizer(teacher_all, scratch)[0]  # [n, V]
+        teacher = _given(teacher_logits).to(cdtype, copy=True)  # [n, V] a copy: scratch may be the teacher's rows
+        teacher -= _log_normalizer(teacher, scratch)[0]  # [n, V]
     elif mode == "student_topk":
         support = torch.topk(x, top_k, dim=-1, sorted=False).indices  # [n, K], chosen by the student
         teacher_rows = _given(teacher_logits)
+        teacher_at_support = teacher_rows.gather(-1, support).to(cdtype)  # [n, K] read before scratch is written
         teacher_log_z = _log_normalizer(teacher_rows, scratch)[0]  # [n, 1]
-        teacher = append_tail_bucket(teacher_rows.gather(-1, support).to(cdtype) - teacher_log_z)  # [n, K + 1]
+        teacher = append_tail_bucket(teacher_at_support - teacher_log_z)  # [n, K + 1]
         tail = True
     elif mode == "teacher_topk":
         if teacher_topk_ids is None:  # full teacher logits given: take the teacher's own top-K
@@ -387,41 +592,27 @@ def _given(x: torch.Tensor | None) -> torch.Tensor:
 
 
 class _LossWithBlockGrad(torch.autograd.Function):
-    """Attach the gradient w.r.t. the logits, already computed block by block, to the scalar loss."""
+    """Attach the gradient w.r.t. the input (logits or hidden states), already computed block by block, to the loss."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, loss: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
-        del logits  # an input only so autograd routes the gradient to it
+    def forward(ctx: Any, source: torch.Tensor, loss: torch.Tensor, grad_source: torch.Tensor) -> torch.Tensor:
+        del source  # an input only so autograd routes the gradient to it
         # Saved (not set on ctx) so autograd frees it right after backward unless retain_graph=True: the leaf's .grad
         # can then take the buffer over instead of copying it.
-        ctx.save_for_backward(grad_logits)
+        ctx.save_for_backward(grad_source)
         return loss.clone()
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (grad_output,) = grad_outputs  # [] scalar
-        (grad_logits,) = ctx.saved_tensors  # [T, V]
-        if not bool(grad_output == 1):  # the usual loss.backward() needs no [T, V] product
-            grad_logits = grad_logits * grad_output.to(grad_logits.dtype)
-        return grad_logits, None, None
+        (grad_source,) = ctx.saved_tensors  # [T, V] or [T, H]
+        if not bool(grad_output == 1):  # the usual loss.backward() needs no full-size product
+            grad_source = grad_source * grad_output.to(grad_source.dtype)
+        return grad_source, None, None
 
 
-def _validate(
-    *,
-    student_logits: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    alpha: float,
-    is_clip: float,
-    kl_reg_weight: float,
-    top_k: int,
-    mode: str,
-    teacher_logits: torch.Tensor | None,
-    teacher_topk_logprobs: torch.Tensor | None,
-    teacher_topk_ids: torch.Tensor | None,
-    rollout_logprobs: torch.Tensor | None,
-    base_logprobs: torch.Tensor | None,
-    chunk_size: int,
+def _validate_settings(
+    *, alpha: float, is_clip: float, kl_reg_weight: float, top_k: int, mode: str, chunk_size: int
 ) -> None:
     if mode not in _MODES:
         raise ValueError(f"unknown loss mode {mode!r}; expected one of {_MODES}")
@@ -435,12 +626,68 @@ def _validate(
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if student_logits.dim() != 2 or not student_logits.is_floating_point():
-        raise ValueError(f"student_logits must be a float [T, V] tensor, got {student_logits.dtype} "
-                         f"{tuple(student_logits.shape)}")
-    num_positions, vocab = student_logits.shape
+
+
+def _validate_hidden(
+    *,
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    lm_head_bias: torch.Tensor | None,
+    logit_scale: float,
+) -> None:
+    if student_hidden.dim() != 2 or not student_hidden.is_floating_point():
+        raise ValueError(f"student_hidden must be a float [T, H] tensor, got {student_hidden.dtype} "
+                         f"{tuple(student_hidden.shape)}")
+    if lm_head_weight.dim() != 2 or not lm_head_weight.is_floating_point():
+        raise ValueError(f"lm_head_weight must be a float [V, H] tensor, got {lm_head_weight.dtype} "
+                         f"{tuple(lm_head_weight.shape)}")
+    vocab, hidden = lm_head_weight.shape
+    if hidden != student_hidden.shape[1]:
+        raise ValueError(f"lm_head_weight [V, H] = {tuple(lm_head_weight.shape)} does not match the hidden size "
+                         f"H = {student_hidden.shape[1]} of student_hidden {tuple(student_hidden.shape)}")
     if vocab < 1:
-        raise ValueError("student_logits has an empty vocabulary dimension")
+        raise ValueError("lm_head_weight has an empty vocabulary dimension")
+    if teacher_hidden is not None and teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(f"teacher_hidden must have the shape of student_hidden {tuple(student_hidden.shape)}, "
+                         f"got {tuple(teacher_hidden.shape)}")
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (vocab,):
+        raise ValueError(f"lm_head_bias must have shape [V] = ({vocab},), got {tuple(lm_head_bias.shape)}")
+    for name, other in (("lm_head_weight", lm_head_weight), ("teacher_hidden", teacher_hidden),
+                        ("lm_head_bias", lm_head_bias)):
+        if other is None:
+            continue
+        if other.dtype != student_hidden.dtype:
+            raise ValueError(f"{name} is {other.dtype} but student_hidden is {student_hidden.dtype}; the lm_head "
+                             f"product runs in one dtype (cast the hidden states to the lm_head's dtype)")
+        if other.device != student_hidden.device:
+            raise ValueError(f"{name} is on {other.device} but student_hidden is on {student_hidden.device}")
+    if torch.is_grad_enabled():
+        for name, param in (("lm_head_weight", lm_head_weight), ("lm_head_bias", lm_head_bias)):
+            if param is not None and param.requires_grad:
+                raise ValueError(f"{name} requires grad, but sdpo_loss_from_hidden returns a gradient only for "
+                                 f"student_hidden (the lm_head is frozen in LoRA training): pass {name}.detach(), or "
+                                 f"use sdpo_loss on materialized logits to train the lm_head")
+    if isinstance(logit_scale, bool) or not math.isfinite(logit_scale) or not logit_scale > 0:
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+
+
+def _validate_side_inputs(
+    *,
+    num_positions: int,
+    vocab: int,
+    teacher_full: torch.Tensor | None,
+    teacher_name: str,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_reg_weight: float,
+    mode: str,
+    teacher_topk_logprobs: torch.Tensor | None,
+    teacher_topk_ids: torch.Tensor | None,
+    rollout_logprobs: torch.Tensor | None,
+    base_logprobs: torch.Tensor | None,
+) -> None:
+    """Everything but the student's (and full teacher's) own tensors, which the entry points check."""
 
     def check_vector(name: str, x: torch.Tensor | None) -> None:
         if x is not None and tuple(x.shape) != (num_positions,):
@@ -462,18 +709,16 @@ def _validate(
 
     has_topk = teacher_topk_logprobs is not None or teacher_topk_ids is not None
     if mode in ("student_topk", "full"):
-        if teacher_logits is None:
-            raise ValueError(f"mode {mode!r} needs teacher_logits (the full teacher distribution)")
+        if teacher_full is None:
+            raise ValueError(f"mode {mode!r} needs {teacher_name} (the full teacher distribution)")
         if has_topk:
-            raise ValueError(f"mode {mode!r} uses teacher_logits; teacher_topk_logprobs/ids must be None")
+            raise ValueError(f"mode {mode!r} uses {teacher_name}; teacher_topk_logprobs/ids must be None")
     else:  # teacher_topk
-        if teacher_logits is not None and has_topk:
-            raise ValueError("mode 'teacher_topk' takes either teacher_logits or teacher_topk_logprobs/ids, not both")
-        if teacher_logits is None and (teacher_topk_logprobs is None or teacher_topk_ids is None):
-            raise ValueError("mode 'teacher_topk' needs teacher_topk_logprobs and teacher_topk_ids (or teacher_logits)")
-    if teacher_logits is not None and tuple(teacher_logits.shape) != (num_positions, vocab):
-        raise ValueError(f"teacher_logits must have the shape of student_logits {(num_positions, vocab)}, "
-                         f"got {tuple(teacher_logits.shape)}")
+        if teacher_full is not None and has_topk:
+            raise ValueError(f"mode 'teacher_topk' takes either {teacher_name} or teacher_topk_logprobs/ids, not both")
+        if teacher_full is None and (teacher_topk_logprobs is None or teacher_topk_ids is None):
+            raise ValueError(f"mode 'teacher_topk' needs teacher_topk_logprobs and teacher_topk_ids "
+                             f"(or {teacher_name})")
     if teacher_topk_logprobs is not None and teacher_topk_ids is not None:
         shape = tuple(teacher_topk_ids.shape)
         if len(shape) != 2 or shape[0] != num_positions or shape[1] < 1:

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from claas.training.sdpo_loss import generalized_jsd, sdpo_loss
+from claas.training.sdpo_loss import generalized_jsd, sdpo_loss, sdpo_loss_from_hidden
 
 MODES = ("student_topk", "teacher_topk", "full")
 ALPHAS = (0.0, 0.1, 0.5, 0.9, 1.0)
@@ -498,3 +499,271 @@ def test_bad_inputs_raise_value_error(case: str, overrides: dict[str, Any], mess
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=message):
         sdpo_loss(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- fused lm_head
+def _hidden_inputs(
+    seed: int, num_positions: int, hidden: int, vocab: int, *, scale: float = 2.0, k_teacher: int = 4,
+    dtype: torch.dtype = F64,
+) -> dict[str, Any]:
+    """Hidden states, an lm_head (weight + bias) and the side inputs, with logits of std ~ scale."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=F64) * (scale / math.sqrt(hidden))
+    student = torch.randn(num_positions, hidden, generator=gen, dtype=F64)
+    teacher = student + 0.7 * torch.randn(num_positions, hidden, generator=gen, dtype=F64)
+    bias = 0.5 * torch.randn(vocab, generator=gen, dtype=F64)
+    ids = torch.randint(0, vocab, (num_positions,), generator=gen)
+    k_teacher = min(k_teacher, vocab)
+    topk_ids = torch.stack([torch.randperm(vocab, generator=gen)[:k_teacher] for _ in range(num_positions)])
+    topk_logprobs = torch.log_softmax(teacher @ weight.T, -1).gather(-1, topk_ids)
+    rollout = torch.log_softmax(student @ weight.T, -1).gather(-1, ids[:, None]).squeeze(-1)
+    rollout = rollout + torch.randn(num_positions, generator=gen, dtype=F64)
+    base = rollout + 0.5 * torch.randn(num_positions, generator=gen, dtype=F64)
+    return {
+        "student": student.to(dtype).requires_grad_(True), "teacher": teacher.to(dtype), "weight": weight.to(dtype),
+        "bias": bias.to(dtype), "ids": ids, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs.to(dtype),
+        "rollout": rollout.to(dtype), "base": base.to(dtype),
+    }
+
+
+def _lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The logits the fused path stands for, materialized (differentiable in `hidden`)."""
+    return F.linear(hidden, weight, bias).to(torch.promote_types(hidden.dtype, torch.float32)) * scale
+
+
+def _fused_and_materialized(
+    data: dict[str, Any], mode: str, *, remote_teacher: bool | None = None, bias: bool = False, scale: float = 1.0,
+    student: torch.Tensor | None = None, **overrides: Any,
+) -> tuple[Any, Any]:
+    """(sdpo_loss_from_hidden, sdpo_loss on the materialized logits) on the same inputs; overrides go to both."""
+    student = data["student"] if student is None else student
+    lm_bias = data["bias"] if bias else None
+    remote = mode == "teacher_topk" if remote_teacher is None else remote_teacher
+    common: dict[str, Any] = {
+        "response_ids": data["ids"], "response_mask": torch.ones(student.shape[0], dtype=torch.bool), "alpha": 0.5,
+        "is_clip": 2.0, "kl_reg_weight": 0.0, "top_k": 3, "mode": mode,
+    }
+    if remote:
+        common.update(teacher_topk_logprobs=data["topk_logprobs"], teacher_topk_ids=data["topk_ids"])
+    common.update(overrides)
+    fused = sdpo_loss_from_hidden(student_hidden=student, lm_head_weight=data["weight"], lm_head_bias=lm_bias,
+                                  logit_scale=scale, teacher_hidden=None if remote else data["teacher"], **common)
+    common.pop("chunk_size", None)
+    with torch.no_grad():
+        teacher_logits = None if remote else _lm_head(data["teacher"], data["weight"], lm_bias, scale)
+    plain = sdpo_loss(student_logits=_lm_head(student, data["weight"], lm_bias, scale), teacher_logits=teacher_logits,
+                      **common)
+    return fused, plain
+
+
+def _assert_same_output(fused: Any, plain: Any, *, rtol: float | None = None, atol: float | None = None) -> None:
+    torch.testing.assert_close(fused.loss.detach(), plain.loss.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(fused.student_logprobs, plain.student_logprobs, rtol=rtol, atol=atol)
+    for field in ("jsd", "kl_reg", "is_ratio_mean", "is_clip_fraction"):
+        assert getattr(fused, field) == pytest.approx(getattr(plain, field), rel=rtol or 1e-7, abs=atol or 1e-10)
+    assert fused.tokens == plain.tokens
+
+
+@st.composite
+def _hidden_cases(draw: st.DrawFn, mode: str) -> dict[str, Any]:
+    num_positions = draw(st.integers(1, 8))
+    vocab = draw(st.integers(3, 50))
+    return {
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "T": num_positions,
+        "H": draw(st.integers(2, 16)),
+        "V": vocab,
+        "alpha": draw(st.sampled_from([0.0, 1.0, 0.5]) | st.floats(0.0, 1.0)),
+        "top_k": draw(st.integers(1, vocab + 2)),
+        "k_teacher": draw(st.integers(1, vocab)),
+        "remote_teacher": mode == "teacher_topk" and draw(st.booleans()),
+        "mask": draw(st.lists(st.booleans(), min_size=num_positions, max_size=num_positions)),
+        "is_clip": draw(st.sampled_from([0.5, 2.0]) | st.floats(0.05, 10.0)),
+        "rollout": draw(st.booleans()),
+        "kl_reg_weight": draw(st.sampled_from([0.0, 0.3])),
+        "bias": draw(st.booleans()),
+        "logit_scale": draw(st.sampled_from([1.0, 0.5, 2.5])),
+        "scale": draw(st.floats(0.3, 4.0)),
+        "chunk_size": draw(st.integers(1, 9)),
+    }
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_from_hidden_equals_sdpo_loss_on_materialized_logits(mode: str) -> None:
+    """Values, diagnostics and d(loss)/d(hidden) equal autograd through h @ W^T + b -> sdpo_loss (fp64)."""
+
+    @settings(max_examples=50, deadline=None, derandomize=True, database=None)
+    @given(case=_hidden_cases(mode))
+    def check(case: dict[str, Any]) -> None:
+        data = _hidden_inputs(case["seed"], case["T"], case["H"], case["V"], scale=case["scale"],
+                              k_teacher=case["k_teacher"])
+        fused, plain = _fused_and_materialized(
+            data, mode, remote_teacher=case["remote_teacher"], bias=case["bias"], scale=case["logit_scale"],
+            response_mask=torch.tensor(case["mask"]), alpha=case["alpha"], is_clip=case["is_clip"],
+            kl_reg_weight=case["kl_reg_weight"], top_k=case["top_k"],
+            rollout_logprobs=data["rollout"] if case["rollout"] else None,
+            base_logprobs=data["base"] if case["kl_reg_weight"] > 0 else None, chunk_size=case["chunk_size"],
+        )
+        _assert_same_output(fused, plain, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(_grad(fused.loss, data["student"]), _grad(plain.loss, data["student"]),
+                                   rtol=1e-9, atol=1e-12)
+
+    check()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_from_hidden_fp32_matches_materialized_logits(mode: str) -> None:
+    data = _hidden_inputs(31, 7, 16, 48, dtype=torch.float32)
+    fused, plain = _fused_and_materialized(data, mode, bias=True, top_k=5, rollout_logprobs=data["rollout"],
+                                           kl_reg_weight=0.1, base_logprobs=data["base"], chunk_size=3)
+    _assert_same_output(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_grad(fused.loss, data["student"]), _grad(plain.loss, data["student"]),
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_rollout", [False, True])
+def test_from_hidden_gradcheck(mode: str, with_rollout: bool) -> None:
+    data = _hidden_inputs(32, 4, 5, 7)
+    rollout = data["rollout"] - 20.0 if with_rollout else None  # ratios all clipped: a constant weight, as in gradcheck
+    mask = torch.tensor([True, False, True, True])
+
+    def loss_of(hidden: torch.Tensor) -> torch.Tensor:
+        fused, _ = _fused_and_materialized(
+            data, mode, student=hidden, bias=True, scale=1.5, response_mask=mask, alpha=0.3, top_k=2,
+            kl_reg_weight=0.2, base_logprobs=data["base"], rollout_logprobs=rollout, chunk_size=2,
+        )
+        return fused.loss
+
+    assert torch.autograd.gradcheck(loss_of, (data["student"].detach().clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_from_hidden_chunk_sizes_agree(mode: str) -> None:
+    data = _hidden_inputs(33, 7, 6, 13)
+    mask = torch.tensor([True, True, False, True, True, True, False])
+
+    def run(chunk_size: int) -> tuple[Any, torch.Tensor]:
+        fused, _ = _fused_and_materialized(data, mode, response_mask=mask, chunk_size=chunk_size,
+                                           rollout_logprobs=data["rollout"], kl_reg_weight=0.2,
+                                           base_logprobs=data["base"])
+        return fused, _grad(fused.loss, data["student"])
+
+    whole, whole_grad = run(10_000)
+    for chunk_size in (1, 3):
+        out, grad = run(chunk_size)
+        _assert_same_output(out, whole, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, whole_grad, rtol=1e-12, atol=1e-14)
+
+
+def test_from_hidden_ignores_masked_rows_and_scales_backward() -> None:
+    data = _hidden_inputs(34, 5, 4, 9)
+    mask = torch.tensor([True, False, True, False, True])
+    fused, plain = _fused_and_materialized(data, "student_topk", response_mask=mask)
+    grad = _grad(plain.loss, data["student"])
+    garbage = data["student"].detach().clone()
+    garbage[~mask] = float("nan")  # never multiplied by the lm_head
+    garbage.requires_grad_(True)
+    fused_nan, _ = _fused_and_materialized(data, "student_topk", student=garbage, response_mask=mask)
+    torch.testing.assert_close(fused_nan.loss, fused.loss)
+    (3.0 * fused_nan.loss).backward(retain_graph=True)
+    fused_nan.loss.backward()
+    assert garbage.grad is not None
+    torch.testing.assert_close(garbage.grad, 4.0 * grad)
+    assert bool((garbage.grad[~mask] == 0).all())
+
+
+def test_from_hidden_all_masked_and_no_grad() -> None:
+    data = _hidden_inputs(35, 3, 4, 6)
+    fused, _ = _fused_and_materialized(data, "full", response_mask=torch.zeros(3, dtype=torch.bool))
+    assert fused.loss.item() == 0.0 and fused.tokens == 0
+    torch.testing.assert_close(_grad(fused.loss, data["student"]), torch.zeros_like(data["student"]))
+    weight = data["weight"].clone().requires_grad_(True)  # a trainable lm_head is fine when no gradient is taken
+    with torch.no_grad():
+        quiet = sdpo_loss_from_hidden(student_hidden=data["student"], lm_head_weight=weight,
+                                      teacher_hidden=data["teacher"], response_ids=data["ids"],
+                                      response_mask=torch.ones(3, dtype=torch.bool), alpha=0.5, is_clip=2.0,
+                                      kl_reg_weight=0.0, top_k=2, mode="student_topk")
+    assert quiet.loss.grad_fn is None and quiet.loss.item() > 0
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 2.0])  # 1.0 keeps a block's logits in bf16, 2.0 scales them in fp32
+def test_from_hidden_bf16_matches_upcast_logits_and_returns_bf16_grad(logit_scale: float) -> None:
+    """bf16 hidden states and lm_head: the product in bf16, the loss in fp32, like model(...).logits.float()."""
+    data = _hidden_inputs(36, 6, 32, 64, dtype=torch.bfloat16)
+    fused, plain = _fused_and_materialized(data, "student_topk", top_k=8, rollout_logprobs=data["rollout"],
+                                           chunk_size=4, scale=logit_scale)
+    assert fused.loss.dtype == torch.float32 and fused.student_logprobs.dtype == torch.float32
+    _assert_same_output(fused, plain, rtol=1e-5, atol=1e-6)
+    grad = _grad(fused.loss, data["student"])
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), _grad(plain.loss, data["student"]).float(), rtol=2e-2, atol=1e-4)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any aten op produces while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for item in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(item, torch.Tensor):
+                self.largest = max(self.largest, item.numel())
+        return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_from_hidden_never_builds_a_full_logits_tensor(mode: str) -> None:
+    num_positions, hidden, vocab, chunk = 32, 8, 97, 4
+    data = _hidden_inputs(37, num_positions, hidden, vocab)
+    kwargs: dict[str, Any] = {"mode": mode, "alpha": 0.5, "is_clip": 2.0, "kl_reg_weight": 0.0, "top_k": 5}
+    recorder = _LargestOutput()
+    with recorder:
+        out = sdpo_loss_from_hidden(student_hidden=data["student"], lm_head_weight=data["weight"],
+                                    teacher_hidden=data["teacher"], response_ids=data["ids"],
+                                    response_mask=torch.ones(num_positions, dtype=torch.bool), chunk_size=chunk,
+                                    **kwargs)
+        out.loss.backward()
+    assert recorder.largest <= max(chunk * vocab, vocab * hidden)  # a block's logits, or the lm_head itself
+    assert recorder.largest < num_positions * vocab
+
+
+_TH, _HH, _VH = 3, 4, 6
+
+
+def _bad_hidden_inputs() -> list[tuple[str, dict[str, Any], str]]:
+    return [
+        ("H mismatch", {"lm_head_weight": torch.zeros(_VH, _HH + 1)}, "hidden size"),
+        ("1-d hidden", {"student_hidden": torch.zeros(_HH)}, "student_hidden"),
+        ("1-d weight", {"lm_head_weight": torch.zeros(_VH)}, "lm_head_weight"),
+        ("teacher_hidden shape", {"teacher_hidden": torch.zeros(_TH + 1, _HH)}, "teacher_hidden"),
+        ("teacher_hidden missing, student_topk", {"teacher_hidden": None}, "needs teacher_hidden"),
+        ("teacher_hidden missing, full", {"teacher_hidden": None, "mode": "full"}, "needs teacher_hidden"),
+        ("teacher_topk without any teacher", {"teacher_hidden": None, "mode": "teacher_topk"}, "teacher_hidden"),
+        ("bias shape", {"lm_head_bias": torch.zeros(_VH + 1)}, "lm_head_bias"),
+        ("dtype mismatch", {"lm_head_weight": torch.zeros(_VH, _HH, dtype=F64)}, "dtype|float64"),
+        ("trainable lm_head", {"lm_head_weight": torch.zeros(_VH, _HH, requires_grad=True)}, "requires grad"),
+        ("trainable bias", {"lm_head_bias": torch.zeros(_VH, requires_grad=True)}, "requires grad"),
+        ("logit_scale zero", {"logit_scale": 0.0}, "logit_scale"),
+        ("logit_scale nan", {"logit_scale": float("nan")}, "logit_scale"),
+        ("ids out of vocab", {"response_ids": torch.tensor([0, _VH, 1])}, "response_ids"),
+        ("alpha", {"alpha": 2.0}, "alpha"),
+        ("chunk_size", {"chunk_size": 0}, "chunk_size"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "overrides", "message"), _bad_hidden_inputs(),
+                         ids=[c[0] for c in _bad_hidden_inputs()])
+def test_from_hidden_bad_inputs_raise_value_error(case: str, overrides: dict[str, Any], message: str) -> None:
+    kwargs: dict[str, Any] = {
+        "student_hidden": torch.zeros(_TH, _HH, requires_grad=True), "lm_head_weight": torch.zeros(_VH, _HH),
+        "teacher_hidden": torch.zeros(_TH, _HH), "response_ids": torch.zeros(_TH, dtype=torch.long),
+        "response_mask": torch.ones(_TH, dtype=torch.bool), "alpha": 0.5, "is_clip": 2.0, "kl_reg_weight": 0.0,
+        "top_k": 2, "mode": "student_topk",
+    }
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        sdpo_loss_from_hidden(**kwargs)
