@@ -11,6 +11,7 @@ Not here: HTTP, locks across processes (the store and the feedback transaction d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 
 from claas.core.models import LoadedModel, load_model
 from claas.core.types import DistillBatch, DistillResult, LoraInitRequest, TrainingConfig, TrainingExample
-from claas.training.sdpo_loss import sdpo_loss
+from claas.training.sdpo_loss import sdpo_loss_from_hidden
 from claas.training.storage import LoraExistsError, LoraMetadata, LoraNotFoundError, LoraStore, validate_lora_id
 from claas.training.teacher import RemoteTeacher, chat_prompt_ids, teacher_messages
 
@@ -313,12 +314,31 @@ class DistillationTrainer:
         teacher_prompt_ids = chat_prompt_ids(tokenizer, teacher_messages(example.messages, example.feedback))
         return ExampleTensors(prompt_ids, response_ids, teacher_prompt_ids, rollout)
 
-    def _response_logits(self, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
-        """Logits at the positions that predict each response token: [T, V]."""
+    def _causal_lm(self) -> Any:
+        """The transformers model (with LoRA layers injected in place when adapters exist)."""
+        return self._peft.get_base_model() if self._peft is not None else self.ensure_loaded().model
+
+    def _lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self._causal_lm().get_output_embeddings()
+        return head.weight.detach(), None if head.bias is None else head.bias.detach()
+
+    def _response_hidden(self, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
+        """Final-norm hidden states at the positions that predict each response token: [T, H].
+
+        The loss applies the LM head itself, chunk by chunk, so [T, V] logits never exist (memory O(chunk x V)).
+        """
         ids = torch.tensor([prompt_ids + response_ids], device=self.device)
-        # Only the last T+1 positions are needed; skip the LM head on the prompt.
-        logits = self._peft(input_ids=ids, logits_to_keep=len(response_ids) + 1).logits[0]  # [T+1, V]
-        return logits[:-1]
+        hidden = self._causal_lm().get_decoder()(input_ids=ids).last_hidden_state[0]  # [P+T, H]
+        return hidden[-(len(response_ids) + 1) : -1]
+
+    def _token_logprobs(self, hidden: torch.Tensor, token_ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """log p(token_t) from hidden states [T, H], without materialising [T, V]: [T]."""
+        weight, bias = self._lm_head()
+        rows = []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = torch.nn.functional.linear(hidden[start : start + chunk], weight, bias).float()  # [c, V]
+            rows.append(logits.log_softmax(-1).gather(-1, token_ids[start : start + chunk, None]).squeeze(-1))
+        return torch.cat(rows)
 
     def _example_loss(self, t: ExampleTensors, cfg: TrainingConfig) -> Any:
         device = self.device
@@ -334,15 +354,22 @@ class DistillationTrainer:
                                   "teacher_topk_ids": scores.ids.to(device)}
             with self._peft.disable_adapter():
                 if cfg.teacher_mode == "self":
-                    teacher_kwargs = {"teacher_logits": self._response_logits(t.teacher_prompt_ids, t.response_ids)}
+                    teacher_kwargs = {"teacher_hidden": self._response_hidden(t.teacher_prompt_ids, t.response_ids)}
                 if cfg.kl_reg_weight > 0:
-                    base = self._response_logits(t.prompt_ids, t.response_ids).float()
-                    base_logprobs = base.log_softmax(-1).gather(-1, response[:, None]).squeeze(-1)
+                    base_logprobs = self._token_logprobs(self._response_hidden(t.prompt_ids, t.response_ids), response)
         mode = "teacher_topk" if cfg.teacher_mode == "remote" else cfg.loss_mode
-        student_logits = self._response_logits(t.prompt_ids, t.response_ids)  # [T, V]
+        # Gradient checkpointing (CUDA) only acts in train mode; nothing in these models uses dropout.
+        self._peft.train(self.device.type == "cuda")
+        try:
+            student_hidden = self._response_hidden(t.prompt_ids, t.response_ids)  # [T, H]
+        finally:
+            self._peft.eval()
+        weight, bias = self._lm_head()
         rollout = torch.tensor(t.rollout_logprobs, device=device) if t.rollout_logprobs is not None else None
-        return sdpo_loss(
-            student_logits=student_logits,
+        return sdpo_loss_from_hidden(
+            student_hidden=student_hidden,
+            lm_head_weight=weight,
+            lm_head_bias=bias,
             response_ids=response,
             response_mask=torch.ones_like(response, dtype=torch.bool),
             alpha=cfg.alpha,
@@ -363,20 +390,12 @@ class DistillationTrainer:
         response = torch.tensor(t.response_ids, device=self.device)
         with torch.no_grad():
             if lora_id is None:
-                if self._peft is None:
-                    logits = self.ensure_loaded().model(
-                        input_ids=torch.tensor([t.prompt_ids + t.response_ids], device=self.device),
-                        logits_to_keep=len(t.response_ids) + 1,
-                    ).logits[0, :-1]
-                else:
-                    with self._peft.disable_adapter():
-                        logits = self._response_logits(t.prompt_ids, t.response_ids)
+                with self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext():
+                    hidden = self._response_hidden(t.prompt_ids, t.response_ids)
             else:
-                hot = self._hot_adapter(lora_id)
-                self._peft.set_adapter(hot.peft_name)
-                logits = self._response_logits(t.prompt_ids, t.response_ids)
-            logprobs = logits.float().log_softmax(-1).gather(-1, response[:, None]).squeeze(-1)
-        return logprobs.tolist()
+                self._peft.set_adapter(self._hot_adapter(lora_id).peft_name)
+                hidden = self._response_hidden(t.prompt_ids, t.response_ids)
+            return self._token_logprobs(hidden, response).tolist()
 
     def health(self) -> dict[str, Any]:
         return {
