@@ -1,0 +1,42 @@
+"""`python -m claas.modelserver --model NAME --port N ...`: the model server without the CLI (tests use this)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from claas.modelserver.server import serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m claas.modelserver", description=__doc__)
+    parser.add_argument("--model", default=None, help="registry name, local model dir or HF id (default: settings)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache (default: settings)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-loras", type=int, default=8)
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    args = parser.parse_args(argv)
+    model = args.model
+    if model is None:
+        from claas.core.config import get_settings
+
+        model = get_settings().base_model
+    serve(
+        model=model,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        max_model_len=args.max_model_len,
+        max_loras=args.max_loras,
+        api_key=args.api_key,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The generation engine: one resident model, one worker thread, adapters and sleep/wake.
+
+Every torch operation runs on ONE dedicated worker thread, fed by a FIFO queue: requests are served in arrival order,
+adapter selection happens inside the worker right before a request's forward passes (so two concurrent requests can
+never see each other's adapter), and the asyncio event loop never blocks. The worker pushes each generated token to
+the request's asyncio queue with `loop.call_soon_threadsafe`; a request whose client went away is flagged cancelled
+and the worker stops generating for it.
+
+Decoding is a plain loop over `model(input_ids, cache=DynamicCache)` under `torch.inference_mode()`, with per-request
+`torch.Generator` seeding (choice i of a request with seed s uses seed s + i, as vLLM's parallel sampling does),
+incremental detokenization, and logprobs computed only when asked.
+
+Sleep: level 1 keeps the weights (moved to host memory on CUDA), level 2 drops weights and adapters; waking from
+level 2 reloads the base model from disk and re-attaches every adapter from its path. Adapters can be loaded and
+unloaded while asleep (the CLaaS feedback loop reloads an adapter before it wakes the server).
+
+Not here: HTTP, request validation, response shapes (serving.py, app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from claas.core.models import LoadedModel, load_model
+from claas.modelserver.adapters import AdapterLoadError, AdapterSlots, looks_like_adapter_dir
+from claas.modelserver.decoding import GenerationInput, Job, PromptLogprobs, TokenDelta, decode_choice, prefill
+from claas.modelserver.errors import BadRequest, InternalError, ModelServerError, NotFound, Unavailable
+from claas.modelserver.metrics import ServerMetrics
+
+__all__ = ["Engine", "GenerationHandle", "GenerationInput", "PromptLogprobs", "TokenDelta"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_DONE = object()
+
+
+class GenerationHandle:
+    """Async iterator over a request's `PromptLogprobs` / `TokenDelta` events; `cancel()` stops the worker."""
+
+    def __init__(self, job: Job, events: "asyncio.Queue[object]") -> None:
+        self._job = job
+        self._events = events
+
+    def __aiter__(self) -> "GenerationHandle":
+        return self
+
+    async def __anext__(self) -> TokenDelta | PromptLogprobs:
+        event = await self._events.get()
+        if event is _DONE:
+            raise StopAsyncIteration
+        if isinstance(event, ModelServerError):
+            raise event
+        assert isinstance(event, (TokenDelta, PromptLogprobs))
+        return event
+
+    def cancel(self) -> None:
+        self._job.cancelled = True
+
+
+@dataclass
+class _Adapter:
+    name: str
+    path: str
+    internal: str
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        served_model_name: str | None = None,
+        model_arg: str | None = None,
+        cache_dir: Path | None = None,
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_loras: int = 8,
+    ) -> None:
+        self.model_arg = model_arg or loaded.name
+        self.served_model_name = served_model_name or loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self._cache_dir = cache_dir
+        self._device_pref = device
+        config = loaded.model.config
+        derived = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        if max_model_len is not None and max_model_len > derived:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={derived}")
+        self.max_model_len = max_model_len or derived
+        self.vocab_size = min(len(self.tokenizer), int(config.vocab_size))
+        self.max_loras = max_loras
+        self.eos_ids = self._collect_eos_ids(loaded)
+        self._slots = AdapterSlots(loaded.model)
+        self._adapters: dict[str, _Adapter] = {}
+        self._internal_names = (f"lora{i}" for i in itertools.count(1))
+        self._sleep_level: int | None = None
+        self._sleep_requested = False
+        self.metrics = ServerMetrics(self.served_model_name, self.max_model_len)
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    @classmethod
+    def load(cls, model: str, *, cache_dir: Path, device: str = "auto", **kwargs: Any) -> "Engine":
+        return cls(load_model(model, cache_dir, device), model_arg=model, cache_dir=cache_dir, device=device, **kwargs)
+
+    @staticmethod
+    def _collect_eos_ids(loaded: LoadedModel) -> frozenset[int]:
+        ids = {loaded.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        return frozenset(i for i in ids if i is not None)
+
+    # ---- worker thread -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._worker_main, name="claas-modelserver-engine", daemon=True)
+            self._worker.start()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join(timeout=30)
+            self._worker = None
+
+    def _worker_main(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # jobs report their own errors; this only guards the thread
+                logger.exception("engine job failed")
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the worker thread (after everything queued before it) and await its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+
+        def job() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, False, exc)
+            else:
+                loop.call_soon_threadsafe(settle, True, result)
+
+        self.start()
+        self._jobs.put(job)
+        return await future
+
+    # ---- adapters ------------------------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Loaded adapters: public name -> path."""
+        return {a.name: a.path for a in list(self._adapters.values())}  # snapshot: the worker may mutate it
+
+    async def load_adapter(self, name: str, path: str, *, load_inplace: bool = False) -> None:
+        if not name or not path:
+            raise BadRequest("Both 'lora_name' and 'lora_path' must be provided.", err_type="InvalidUserInput")
+        if name == self.served_model_name:
+            raise BadRequest(
+                f"The lora adapter name '{name}' is the base model's name; an adapter may not shadow the base model.",
+                param="lora_name",
+                err_type="InvalidUserInput",
+            )
+        await self._call(lambda: self._load_adapter(name, path, load_inplace))
+
+    def _load_adapter(self, name: str, path: str, load_inplace: bool) -> None:
+        existing = self._adapters.get(name)
+        if existing is not None and not load_inplace:
+            raise BadRequest(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                "set 'load_inplace' to True.",
+                err_type="InvalidUserInput",
+            )
+        if not looks_like_adapter_dir(path):
+            raise NotFound(f"Loading lora {name} failed: No adapter found for {path}")
+        if existing is None and len(self._adapters) >= self.max_loras:
+            raise BadRequest(
+                f"Cannot load LoRA adapter '{name}': {len(self._adapters)} adapters are loaded, the limit is "
+                f"max_loras={self.max_loras}. Unload one first.",
+                param="lora_name",
+            )
+        internal = next(self._internal_names)
+        if self._sleep_level != 2:  # at level 2 there is no model: attach on wake
+            try:
+                self._slots.attach(internal, path)
+            except AdapterLoadError as exc:
+                raise BadRequest(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
+        self._adapters[name] = _Adapter(name, path, internal)
+        if existing is not None:
+            self._slots.detach(existing.internal)
+        logger.info("Loaded LoRA adapter: name '%s', path '%s'", name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._call(lambda: self._unload_adapter(name))
+
+    def _unload_adapter(self, name: str) -> None:
+        adapter = self._adapters.pop(name, None)
+        if adapter is None:
+            raise NotFound(f"The lora adapter '{name}' cannot be found.")
+        self._slots.detach(adapter.internal)
+        logger.info("Removed LoRA adapter: name '%s'", name)
+
+    # ---- sleep / wake --------------------------------------------------------------------------------------------
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleep_level is not None
+
+    async def sleep(self, level: int) -> None:
+        if level not in (1, 2):
+            raise BadRequest(f"level must be 1 or 2, got {level}.", param="level")
+        self._sleep_requested = True  # new generation requests get 503 from now on; queued ones finish first
+        try:
+            await self._call(lambda: self._sleep(level))
+        except BaseException:
+            self._sleep_requested = self._sleep_level is not None
+            raise
+
+    def _sleep(self, level: int) -> None:
+        import torch
+
+        if self._sleep_level is not None:
+            return
+        if level == 1:
+            if self.device.type == "cuda":
+                self._slots.model.to("cpu")
+                torch.cuda.empty_cache()
+        else:
+            self._slots.drop_all()
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self._sleep_level = level
+        logger.info("engine asleep (level %d)", level)
+
+    async def wake_up(self) -> None:
+        await self._call(self._wake_up)
+
+    def _wake_up(self) -> None:
+        if self._sleep_level == 1 and self.device.type == "cuda":
+            self._slots.model.to(self.device)
+        elif self._sleep_level == 2:
+            if self._cache_dir is None:
+                raise InternalError("cannot wake from sleep level 2: the engine was built without a cache_dir")
+            loaded = load_model(self.model_arg, self._cache_dir, self._device_pref)
+            self._slots.reset(loaded.model)
+            for adapter in list(self._adapters.values()):
+                try:
+                    self._slots.attach(adapter.internal, adapter.path)
+                except AdapterLoadError:
+                    logger.exception("adapter %s could not be re-attached on wake; unloading it", adapter.name)
+                    del self._adapters[adapter.name]
+        self._sleep_level = None
+        self._sleep_requested = False
+        logger.info("engine awake")
+
+    def check_awake(self) -> None:
+        if self._sleep_level is not None or self._sleep_requested:
+            raise Unavailable(
+                "The model server is sleeping (POST /sleep was called); generation is unavailable until POST /wake_up.",
+            )
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+
+    def submit(self, inp: GenerationInput) -> GenerationHandle:
+        """Queue a generation request (FIFO); iterate the handle for its events. Raises 503 while asleep."""
+        self.check_awake()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[object] = asyncio.Queue()
+
+        def emit(event: object) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(inp, emit=emit)
+        self.metrics.waiting.inc()
+        self.start()  # idempotent; lets apps run without their lifespan (e.g. httpx.ASGITransport)
+        self._jobs.put(lambda: self._run(job))
+        return GenerationHandle(job, events)
+
+    def _run(self, job: Job) -> None:
+        import torch
+
+        metrics = self.metrics
+        metrics.waiting.dec()
+        if job.cancelled:
+            metrics.request_success["abort"].inc()
+            job.emit(_DONE)
+            return
+        metrics.running.inc()
+        metrics.queue_time.observe(time.monotonic() - job.submitted)
+        try:
+            if self._sleep_level is not None:
+                self.check_awake()
+            adapter = self._adapters.get(job.inp.adapter) if job.inp.adapter is not None else None
+            if job.inp.adapter is not None and adapter is None:
+                raise NotFound(f"The model `{job.inp.adapter}` does not exist.", param="model")
+            with torch.inference_mode(), self._slots.use(adapter.internal if adapter else None) as lm:
+                self._generate(job, lm)
+        except ModelServerError as exc:
+            job.emit(exc)
+        except Exception as exc:
+            logger.exception("generation failed")
+            job.emit(InternalError(f"generation failed: {type(exc).__name__}: {exc}"))
+        finally:
+            metrics.running.dec()
+            metrics.e2e.observe(time.monotonic() - job.submitted)
+            job.emit(_DONE)
+
+    def _generate(self, job: Job, lm: Any) -> None:
+        params = job.inp.params
+        prompt = job.inp.prompt_ids
+        self.metrics.prompt_tokens.inc(len(prompt))
+        self.metrics.request_prompt_tokens.observe(len(prompt))
+        cache, logits, prompt_lps = prefill(lm, prompt, self.device, params.prompt_logprobs)
+        if prompt_lps is not None:
+            job.emit(PromptLogprobs(prompt_lps))
+        for index in range(params.n):
+            if index > 0:
+                cache, logits, _ = prefill(lm, prompt, self.device, None)
+            seed = None if params.seed is None else params.seed + index
+            reason = decode_choice(self, lm, job, index, cache, logits, seed)
+            self.metrics.request_success[reason or "abort"].inc()
+            if reason is None:  # cancelled
+                return
