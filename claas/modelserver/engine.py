@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,8 @@ class Engine:
         self.max_loras = max_loras
         self.eos_ids = self._collect_eos_ids(loaded)
         self._slots = AdapterSlots(loaded.model)
-        self._adapters: dict[str, _Adapter] = {}
+        self._adapters: dict[str, _Adapter] = {}  # every registered adapter (no limit, as in vLLM)
+        self._resident: OrderedDict[str, None] = OrderedDict()  # internal names attached to the model, LRU first
         self._internal_names = (f"lora{i}" for i in itertools.count(1))
         self._sleep_level: int | None = None
         self._sleep_requested = False
@@ -189,22 +191,35 @@ class Engine:
             )
         if not looks_like_adapter_dir(path):
             raise NotFound(f"Loading lora {name} failed: No adapter found for {path}")
-        if existing is None and len(self._adapters) >= self.max_loras:
-            raise BadRequest(
-                f"Cannot load LoRA adapter '{name}': {len(self._adapters)} adapters are loaded, the limit is "
-                f"max_loras={self.max_loras}. Unload one first.",
-                param="lora_name",
-            )
-        internal = next(self._internal_names)
-        if self._sleep_level != 2:  # at level 2 there is no model: attach on wake
+        adapter = _Adapter(name, path, next(self._internal_names))
+        if self._sleep_level != 2:  # at level 2 there is no model: attach on first use after wake
             try:
-                self._slots.attach(internal, path)
+                self._make_resident(adapter)  # attach now, so a broken adapter is refused at load time
             except AdapterLoadError as exc:
                 raise BadRequest(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
-        self._adapters[name] = _Adapter(name, path, internal)
+        self._adapters[name] = adapter
         if existing is not None:
-            self._slots.detach(existing.internal)
+            self._evict(existing.internal)
         logger.info("Loaded LoRA adapter: name '%s', path '%s'", name, path)
+
+    def _make_resident(self, adapter: _Adapter) -> None:
+        """Attach `adapter` if it is not attached, detaching the least recently used beyond `max_loras`.
+
+        Like vLLM, registered adapters are unlimited; only `max_loras` of them hold weights at once, and an evicted
+        one is re-read from its path the next time a request names it.
+        """
+        if adapter.internal in self._resident:
+            self._resident.move_to_end(adapter.internal)
+            return
+        while len(self._resident) >= self.max_loras:
+            victim, _ = self._resident.popitem(last=False)
+            self._slots.detach(victim)
+        self._slots.attach(adapter.internal, adapter.path)
+        self._resident[adapter.internal] = None
+
+    def _evict(self, internal: str) -> None:
+        self._resident.pop(internal, None)
+        self._slots.detach(internal)
 
     async def unload_adapter(self, name: str) -> None:
         await self._call(lambda: self._unload_adapter(name))
@@ -213,7 +228,7 @@ class Engine:
         adapter = self._adapters.pop(name, None)
         if adapter is None:
             raise NotFound(f"The lora adapter '{name}' cannot be found.")
-        self._slots.detach(adapter.internal)
+        self._evict(adapter.internal)
         logger.info("Removed LoRA adapter: name '%s'", name)
 
     # ---- sleep / wake --------------------------------------------------------------------------------------------
@@ -243,6 +258,7 @@ class Engine:
                 torch.cuda.empty_cache()
         else:
             self._slots.drop_all()
+            self._resident.clear()
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -260,12 +276,7 @@ class Engine:
                 raise InternalError("cannot wake from sleep level 2: the engine was built without a cache_dir")
             loaded = load_model(self.model_arg, self._cache_dir, self._device_pref)
             self._slots.reset(loaded.model)
-            for adapter in list(self._adapters.values()):
-                try:
-                    self._slots.attach(adapter.internal, adapter.path)
-                except AdapterLoadError:
-                    logger.exception("adapter %s could not be re-attached on wake; unloading it", adapter.name)
-                    del self._adapters[adapter.name]
+            self._resident.clear()  # adapters are re-attached from their paths when next used
         self._sleep_level = None
         self._sleep_requested = False
         logger.info("engine awake")
@@ -310,6 +321,12 @@ class Engine:
             adapter = self._adapters.get(job.inp.adapter) if job.inp.adapter is not None else None
             if job.inp.adapter is not None and adapter is None:
                 raise NotFound(f"The model `{job.inp.adapter}` does not exist.", param="model")
+            if adapter is not None:
+                try:
+                    self._make_resident(adapter)
+                except AdapterLoadError as exc:
+                    message = f"LoRA adapter '{adapter.name}' could not be re-read from {adapter.path}: {exc}"
+                    raise InternalError(message) from exc
             with torch.inference_mode(), self._slots.use(adapter.internal if adapter else None) as lm:
                 self._generate(job, lm)
         except ModelServerError as exc:

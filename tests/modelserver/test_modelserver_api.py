@@ -445,3 +445,23 @@ def test_metrics_have_vllm_names_and_count(http, model_server):
     assert _metric(after, "vllm:prompt_tokens_total") > _metric(before, "vllm:prompt_tokens_total")
     assert _metric(after, "vllm:request_success_total") > _metric(before, "vllm:request_success_total")
     assert _metric(after, "vllm:num_requests_running") == 0
+
+
+def test_more_adapters_than_max_loras_stay_servable(adapter, http, model_server, lora_adapter_dir):
+    """As in vLLM, registered adapters are unlimited; beyond max_loras (8 here) the least recently used one is
+    detached and re-read from its path when a request names it again."""
+    ids = adapter["ids"]
+    names = [f"many-{i}-{uuid.uuid4().hex[:6]}" for i in range(10)]
+    try:
+        for name in names:
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(lora_adapter_dir)})
+            assert r.status_code == 200, r.text
+        served = {card["id"] for card in http.get("/v1/models").json()["data"]}
+        assert set(names) <= served
+        tuned = _lp_values(_score(http, names[-1], ids), ids)  # resident: loaded last
+        assert max(abs(a - b) for a, b in zip(tuned, adapter["base"])) > 0.05
+        # The first one was evicted by the later loads; it is re-attached and gives the same distribution.
+        assert _lp_values(_score(http, names[0], ids), ids) == pytest.approx(tuned, abs=1e-5)
+    finally:
+        for name in names:
+            http.post("/v1/unload_lora_adapter", json={"lora_name": name})
