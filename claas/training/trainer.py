@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -211,7 +212,10 @@ class DistillationTrainer:
 
     def _detach(self, name: str) -> None:
         if self._peft is not None and name in self._peft.peft_config:
-            self._peft.delete_adapter(name)
+            with warnings.catch_warnings():
+                # PEFT warns when the active adapter goes; every step selects its adapter explicitly.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                self._peft.delete_adapter(name)
 
     def _adapter_params(self, name: str) -> list[torch.nn.Parameter]:
         params = [p for n, p in self._peft.named_parameters() if f".{name}." in n]
