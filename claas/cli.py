@@ -93,6 +93,9 @@ def up(
     timeout_s: Annotated[float, typer.Option(help="How long to wait for each service.")] = 600.0,
 ) -> None:
     """Start the model server and the API as two child processes; Ctrl-C stops both."""
+    # Ctrl-C and SIGTERM (kill, docker stop) both stop the children; a parent shell may have set SIGINT to ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     model_url = f"http://127.0.0.1:{model_port}"
     env = {**os.environ, "CLAAS_VLLM_BASE_URL": model_url, "CLAAS_BASE_MODEL": model}
     children: list[subprocess.Popen[bytes]] = []
