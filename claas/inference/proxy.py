@@ -73,34 +73,29 @@ class InferenceProxy:
     async def chat(
         self, request: ChatCompletionRequest, scope: AuthScope, *, strip_thinking: bool = False
     ) -> JsonReply | StreamReply:
-        await self._check_access(scope, request.model)
-        payload = request.to_upstream_payload()
-        want = request.reply_options(strip_thinking=strip_thinking)
-        if request.stream:
-            first, chunks = await self._open_stream(self.inference.stream_chat_completions, payload, request.model)
-            relay = self._relay(first, chunks, request, want, chat=True)
-            return StreamReply(relay, first.get("id") if first else None)
-        response = await self._retry_on_unknown_adapter(request.model, lambda: self.inference.chat_completions(payload))
-        completion_id = response.get("id")
-        self._cache_reply(response, request, want, chat=True)
-        shape_reply(response, want, chat=True)
-        return JsonReply(response, completion_id)
+        return await self._serve(request, scope, strip_thinking=strip_thinking, chat=True)
 
     async def completions(
         self, request: CompletionRequest, scope: AuthScope, *, strip_thinking: bool = False
+    ) -> JsonReply | StreamReply:
+        return await self._serve(request, scope, strip_thinking=strip_thinking, chat=False)
+
+    async def _serve(
+        self, request: ChatCompletionRequest | CompletionRequest, scope: AuthScope, *, strip_thinking: bool, chat: bool
     ) -> JsonReply | StreamReply:
         await self._check_access(scope, request.model)
         payload = request.to_upstream_payload()
         want = request.reply_options(strip_thinking=strip_thinking)
         if request.stream:
-            first, chunks = await self._open_stream(self.inference.stream_completions, payload, request.model)
-            relay = self._relay(first, chunks, request, want, chat=False)
+            stream = self.inference.stream_chat_completions if chat else self.inference.stream_completions
+            first, chunks = await self._open_stream(stream, payload, request.model)
+            relay = self._relay(first, chunks, request, want, chat=chat)
             return StreamReply(relay, first.get("id") if first else None)
-        response = await self._retry_on_unknown_adapter(request.model, lambda: self.inference.completions(payload))
-        completion_id = response.get("id")
-        self._cache_reply(response, request, want, chat=False)
-        shape_reply(response, want, chat=False)
-        return JsonReply(response, completion_id)
+        call = self.inference.chat_completions if chat else self.inference.completions
+        response = await self._retry_on_unknown_adapter(request.model, lambda: call(payload))
+        self._cache_reply(response, request, want, chat=chat)
+        shape_reply(response, want, chat=chat)
+        return JsonReply(response, response.get("id"))
 
     async def models(self, scope: AuthScope) -> dict[str, Any]:
         cards = await self.inference.models()
