@@ -202,9 +202,12 @@ _LOCKS_GUARD = threading.Lock()
 class LoraStore:
     """Adapters under ``root``; see the module docstring for the layout and the guarantees."""
 
-    def __init__(self, root: Path, *, lock_timeout: float = 60.0) -> None:
+    def __init__(self, root: Path, *, lock_timeout: float = 60.0, superseded_grace_s: float = 120.0) -> None:
         self.root = Path(root).absolute()
         self.lock_timeout = lock_timeout  # how long create/save/delete wait for a lock nobody in this process holds
+        # A superseded snapshot outlives its replacement by this long, so a reader that resolved the link before
+        # a burst of saves (an export being zipped, an inference server loading the adapter) can finish.
+        self.superseded_grace_s = superseded_grace_s
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ reading
@@ -418,7 +421,9 @@ class LoraStore:
         except BaseException:
             shutil.rmtree(snapshot, ignore_errors=True)
             raise
-        _collect_garbage(snapshots, current=snapshot, previous=previous)
+        if previous is not None and previous.parent == snapshots:
+            os.utime(previous)  # its mtime now says when it was superseded (the grace period counts from here)
+        _collect_garbage(snapshots, current=snapshot, previous=previous, grace_s=self.superseded_grace_s)
         return public
 
     def _link(self, public: Path, target: Path) -> None:
@@ -510,8 +515,9 @@ def _next_sequence(snapshots: Path) -> int:
     return max(numbers, default=0) + 1
 
 
-def _collect_garbage(snapshots: Path, *, current: Path, previous: Path | None) -> None:
-    """Keep the current snapshot and the previous one (a reader may still be loading it); drop older ones.
+def _collect_garbage(snapshots: Path, *, current: Path, previous: Path | None, grace_s: float) -> None:
+    """Keep the current snapshot and the previous one; drop older ones superseded more than `grace_s` ago (a slow
+    reader may still be loading them).
 
     Snapshots numbered above the current one are left alone (a writer that does not hold the lock may be about to
     link one), and so are temp dirs younger than STALE_TMP_SECONDS.
@@ -524,7 +530,8 @@ def _collect_garbage(snapshots: Path, *, current: Path, previous: Path | None) -
         if child.name.startswith(".tmp-"):
             stale = time.time() - child.stat().st_mtime > STALE_TMP_SECONDS
         else:
-            stale = child.name[:1].isdigit() and int(child.name.split("-")[0]) < current_seq
+            superseded_long_ago = time.time() - child.stat().st_mtime > grace_s
+            stale = child.name[:1].isdigit() and int(child.name.split("-")[0]) < current_seq and superseded_long_ago
         if stale:
             shutil.rmtree(child, ignore_errors=True)
 

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -281,7 +282,8 @@ def test_reader_never_sees_a_missing_or_partial_adapter_during_50_saves(store: L
     assert counters(public) == (50, 50) and store.read_metadata("u/x").step == 50
 
 
-def test_gc_keeps_current_and_previous_snapshot_only(store: LoraStore) -> None:
+def test_gc_keeps_current_and_previous_snapshot_only(tmp_path: Path) -> None:
+    store = LoraStore(tmp_path / "loras", superseded_grace_s=0.0)
     store.create("u/x", writer(0), meta("u/x"))
     for n in range(1, 6):
         resolved_before = store.snapshot_path("u/x")
@@ -426,3 +428,17 @@ def test_lock_may_be_entered_and_exited_on_different_threads(store: LoraStore) -
         leave.submit(held.__exit__, None, None, None).result()
     with store.lock("u/x", timeout=0.1):
         assert store.read_metadata("u/x").step == 1
+
+
+def test_superseded_snapshots_survive_their_grace_period(tmp_path: Path) -> None:
+    """A reader that resolved the link before several saves still reads complete files within the grace period."""
+    store = LoraStore(tmp_path / "loras", superseded_grace_s=0.5)
+    store.create("u/x", writer(0), meta("u/x"))
+    resolved_early = store.snapshot_path("u/x")
+    for n in range(1, 5):
+        store.save("u/x", writer(n), meta("u/x", step=n))
+    assert counters(resolved_early) == (0, 0)
+    time.sleep(0.6)
+    store.save("u/x", writer(5), meta("u/x", step=5))
+    assert not resolved_early.exists()
+    assert len(list((store.root / ".snapshots" / "u%2Fx").iterdir())) == 2
