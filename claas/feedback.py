@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncGenerator, Literal
 
 from claas.core.config import Settings
 from claas.core.types import DistillBatch, FeedbackItem, OrchestrationConfig, TrainingConfig, TrainingExample
@@ -59,7 +59,7 @@ class LoraLocks:
         self._locks: dict[str, asyncio.Lock] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, lora_id: str, timeout_s: float, engine: TrainingEngine) -> AsyncIterator[None]:
+    async def hold(self, lora_id: str, timeout_s: float, engine: TrainingEngine) -> AsyncGenerator[None]:
         lock = self._locks.setdefault(lora_id, asyncio.Lock())
         started = time.monotonic()
         try:
