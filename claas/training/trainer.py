@@ -226,7 +226,7 @@ class DistillationTrainer:
         return params
 
     def _write_adapter(self, directory: Path, name: str, optimizer: torch.optim.Optimizer) -> None:
-        state = get_peft_model_state_dict(self._peft, adapter_name=name)
+        state = get_peft_model_state_dict(self._peft, adapter_name=name, save_embedding_layers=False)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / "adapter_model.safetensors")
         config = self._peft.peft_config[name]
         config.base_model_name_or_path = self.base_model
