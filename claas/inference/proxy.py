@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from claas.auth import AuthScope
-from claas.errors import ClaasError, InvalidRequestError, NotFoundError, as_claas_error
+from claas.errors import ClaasError, InvalidRequestError, NotFoundError
 from claas.inference.base import InferenceBackend
 from claas.inference.cache import CachedCompletion, CompletionCache
 from claas.inference.helpers import SSE_DONE, ThinkStripper, sse_event, strip_think
@@ -37,6 +37,7 @@ from claas.inference.replies import (
 from claas.inference.wire import ChatCompletionRequest, CompletionRequest, ReplyOptions, ScoreRequest
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
+from claas.training.storage import InvalidLoraIdError
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +151,7 @@ class InferenceProxy:
             return False
         try:
             return await self.engine.lora_exists(model)
-        except Exception as exc:  # e.g. the base model's name is not a valid lora id: not an adapter
-            if as_claas_error(exc) is None:
-                raise
+        except InvalidLoraIdError:  # e.g. a model name with characters no lora id may have: not an adapter
             return False
 
     async def _check_access(self, scope: AuthScope, model: str | None) -> None:
