@@ -50,11 +50,16 @@ class AdapterSlots:
     def attach(self, internal: str, path: str) -> None:
         from peft import PeftModel
 
+        # low_cpu_mem_usage: create the LoRA weights on the meta device and fill them from the file, skipping a
+        # random init that the load would overwrite anyway (halves the load time; the feedback flow reloads an
+        # adapter after every step).
         try:
             if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=internal, is_trainable=False)
+                self._peft = PeftModel.from_pretrained(
+                    self.model, path, adapter_name=internal, is_trainable=False, low_cpu_mem_usage=True
+                )
             else:
-                self._peft.load_adapter(path, adapter_name=internal, is_trainable=False)
+                self._peft.load_adapter(path, adapter_name=internal, is_trainable=False, low_cpu_mem_usage=True)
         except Exception as exc:
             self._recover_after_failed_attach(internal)
             raise AdapterLoadError(f"{type(exc).__name__}: {exc}") from exc
