@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,11 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from claas.processes import free_port
 
 
 class ThreadedServer:

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from claas.processes import ServiceStartError, free_port, stop_process, wait_until_healthy
 
 PROMPTS = [
     "What is the capital of France?",
@@ -91,39 +92,16 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} not healthy after {timeout_s}s:\n{log.read_text()[-3000:]}")
+    try:
+        wait_until_healthy(url, process, name=log.stem, timeout_s=timeout_s)
+    except ServiceStartError as exc:
+        raise RuntimeError(f"{exc}:\n{log.read_text()[-3000:]}") from exc
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("wb") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -268,7 +246,7 @@ def main() -> None:
         wait_healthy(f"{stub_api_url}/metrics", stub_api, work / "api-stub.log", 120)
         isolated = compare(stub_api_url, stub_url, bodies, 8)
         for process in (stub_api, stub):
-            stop(process)
+            stop_process(process)
             processes.remove(process)
 
         processes.append(start(api_cmd(api_port), env, work / "api.log"))
@@ -283,7 +261,7 @@ def main() -> None:
                 feedback = {"skipped": f"feedback round trip failed: {exc!r}"}
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_process(process)
 
     via, straight = real["via"], real["direct"]
     result = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,34 +27,24 @@ from pathlib import Path
 
 import httpx
 
+from claas.processes import ServiceStartError, free_port, stop_process, wait_until_healthy
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(model: str, cache: Path, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CLAAS_MODEL_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "claas.modelserver", "--model", model, "--port", str(port), "--cache-dir", str(cache)]
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.terminate()
-    raise SystemExit(f"server not healthy in time:\n{log.read_text()[-4000:]}")
+    try:
+        wait_until_healthy(f"{url}/health", proc, name="model server", timeout_s=300)
+    except ServiceStartError as exc:
+        stop_process(proc)
+        raise SystemExit(f"{exc}:\n{log.read_text()[-4000:]}") from exc
+    return proc, url
 
 
 def _body(model: str, ids: list[int], max_tokens: int, stream: bool) -> dict:
@@ -154,8 +143,7 @@ def main() -> None:
                     flush=True,
                 )
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_process(proc, timeout_s=30)
     # Best of N (the least-disturbed run, as timeit reports the minimum) is the headline; on a shared machine a
     # median mixes runs taken under different background load. The median of the per-repetition ratios (runs that
     # were adjacent in time) is reported beside it as a check.

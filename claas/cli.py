@@ -22,6 +22,7 @@ from rich.table import Table
 
 from claas.core.config import get_settings, settings_table
 from claas.core.models import REGISTRY, ModelPackageMissingError, UnknownModelError, resolve_model_path
+from claas.processes import ServiceStartError, stop_process, wait_until_healthy
 
 app = typer.Typer(help="CLaaS: continual learning as a service.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="List and fetch base models.", no_args_is_help=True)
@@ -65,20 +66,6 @@ def api(host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> N
     uvicorn.run(build_app(get_settings()), host=host, port=port, log_level=log_level)
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise typer.Exit(code=_fail(f"{name} exited with code {process.returncode}"))
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise typer.Exit(code=_fail(f"{name} did not become healthy at {url} within {timeout_s:.0f}s"))
-
-
 def _fail(message: str) -> int:
     err.print(f"[red]error:[/red] {message}")
     return 1
@@ -105,28 +92,24 @@ def up(
             [sys.executable, "-m", "claas.modelserver", "--model", model, "--host", "127.0.0.1",
              "--port", str(model_port)], env=env)
         children.append(server)
-        _wait_healthy(f"{model_url}/health", server, "model server", timeout_s)
+        wait_until_healthy(f"{model_url}/health", server, name="model server", timeout_s=timeout_s)
         console.print(f"starting CLaaS API on http://{host}:{port} ...")
         gateway = subprocess.Popen(
             [sys.executable, "-m", "claas", "api", "--host", host, "--port", str(port)], env=env)
         children.append(gateway)
-        _wait_healthy(f"http://{host}:{port}/v1/health", gateway, "API", timeout_s)
+        wait_until_healthy(f"http://{host}:{port}/v1/health", gateway, name="API", timeout_s=timeout_s)
         console.print(f"[green]ready[/green]  API: http://{host}:{port}/v1   model server: {model_url}   "
                       f"model: {model}   (Ctrl-C to stop)")
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         raise typer.Exit(code=_fail("a child process exited; stopping"))
+    except ServiceStartError as exc:
+        raise typer.Exit(code=_fail(str(exc)))
     except KeyboardInterrupt:
         console.print("stopping ...")
     finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        for child in reversed(children):  # the API first, then the server it talks to
+            stop_process(child, sig=signal.SIGINT, timeout_s=20)
 
 
 @app.command("config")

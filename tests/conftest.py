@@ -13,17 +13,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from claas.processes import ServiceStartError, free_port, stop_process, wait_until_healthy
 
 MODEL = "smollm2-135m"
 _STARTUP_TIMEOUT_S = 300.0  # first run converts the GGUF (~20 s); a busy CI box can be much slower
@@ -47,12 +46,6 @@ class ModelServer:
             return "(no log)"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def model_cache_dir() -> Path:
     env = os.environ.get("CLAAS_MODEL_CACHE")
@@ -63,19 +56,9 @@ def model_cache_dir() -> Path:
     return get_settings().model_cache
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 @pytest.fixture(scope="session")
 def model_server(model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("model-server") / "server.log"
     cmd = [
         sys.executable,
@@ -94,23 +77,15 @@ def model_server(model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ModelServer(base_url=f"http://127.0.0.1:{port}", model=MODEL, log_path=log_path, process=process)
-    deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"model server exited with code {process.returncode}:\n{server.log_tail(200)}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2.0).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            _stop(process)
-            pytest.fail(f"model server not healthy after {_STARTUP_TIMEOUT_S:.0f} s:\n{server.log_tail(200)}")
-        time.sleep(0.25)
+    try:
+        wait_until_healthy(f"{server.base_url}/health", process, name="model server", timeout_s=_STARTUP_TIMEOUT_S)
+    except ServiceStartError as exc:
+        stop_process(process)
+        pytest.fail(f"{exc}:\n{server.log_tail(200)}")
     try:
         yield server
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 _ADAPTER_SCRIPT = textwrap.dedent(
