@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from claas.core.models import LoadedModel, load_model
 from claas.core.types import DistillBatch, DistillResult, LoraInitRequest, TrainingConfig, TrainingExample
 from claas.training.sdpo_loss import sdpo_loss_from_hidden
-from claas.training.storage import LoraExistsError, LoraMetadata, LoraNotFoundError, LoraStore, validate_lora_id
+from claas.training.storage import LoraExistsError, LoraMetadata, LoraStore
 from claas.training.teacher import RemoteTeacher, chat_prompt_ids, teacher_messages
 
 logger = logging.getLogger(__name__)
@@ -113,18 +113,13 @@ class DistillationTrainer:
     def hot_adapter_ids(self) -> list[str]:
         return list(self._hot)
 
-    def _model(self) -> Any:
-        return self._peft if self._peft is not None else self.ensure_loaded().model
-
     # ------------------------------------------------------------------ adapters
     def init_lora(self, request: LoraInitRequest) -> LoraMetadata:
-        loaded = self.ensure_loaded()
         if request.base_model not in (None, self.base_model):
             raise AdapterIncompatibleError(
                 f"this engine trains on base model {self.base_model!r}, not {request.base_model!r}"
             )
-        validate_lora_id(request.lora_id)
-        if self.store.exists(request.lora_id):
+        if self.store.exists(request.lora_id):  # also validates the id
             raise LoraExistsError(f"adapter {request.lora_id!r} already exists")
         self.evict(request.lora_id)  # a stale hot copy of an adapter deleted by another process
         target_modules = request.target_modules or DEFAULT_TARGET_MODULES
@@ -137,27 +132,20 @@ class DistillationTrainer:
             task_type="CAUSAL_LM",
         )
         name = peft_adapter_name(request.lora_id)
-        self._attach(name, config=config)
+        params, optimizer = self._attach_trainable(name, config=config)
+        metadata = LoraMetadata(  # the store stamps created_at / updated_at
+            lora_id=request.lora_id,
+            base_model=self.base_model,
+            rank=config.r,
+            alpha=int(config.lora_alpha),
+            target_modules=list(target_modules),
+        )
         try:
-            params = self._adapter_params(name)
-            optimizer = torch.optim.AdamW(params, lr=TrainingConfig().learning_rate)
-            now = _utc_now()
-            metadata = LoraMetadata(
-                lora_id=request.lora_id,
-                base_model=self.base_model,
-                rank=config.r,
-                alpha=int(config.lora_alpha),
-                target_modules=list(target_modules),
-                step=0,
-                created_at=now,
-                updated_at=now,
-            )
             self.store.create(request.lora_id, lambda d: self._write_adapter(d, name, optimizer), metadata)
         except BaseException:
             self._detach(name)
             raise
         self._remember(HotAdapter(request.lora_id, name, self.store.read_metadata(request.lora_id), params, optimizer))
-        del loaded
         return self._hot[request.lora_id].metadata
 
     def evict(self, lora_id: str) -> None:
@@ -176,16 +164,7 @@ class DistillationTrainer:
             )
         path = self.store.snapshot_path(lora_id)  # one consistent snapshot for weights and optimizer state
         name = peft_adapter_name(lora_id)
-        self._attach(name, path=path)
-        try:
-            params = self._adapter_params(name)
-            optimizer = torch.optim.AdamW(params, lr=TrainingConfig().learning_rate)
-            optimizer_file = path / OPTIMIZER_FILE
-            if optimizer_file.is_file():
-                optimizer.load_state_dict(torch.load(optimizer_file, map_location=self.device, weights_only=True))
-        except BaseException:
-            self._detach(name)
-            raise
+        params, optimizer = self._attach_trainable(name, path=path)
         hot = HotAdapter(lora_id, name, metadata, params, optimizer)
         self._remember(hot)
         return hot
@@ -196,6 +175,22 @@ class DistillationTrainer:
         while len(self._hot) > self._max_hot:
             oldest, _ = next(iter(self._hot.items()))
             self.evict(oldest)
+
+    def _attach_trainable(
+        self, name: str, *, config: LoraConfig | None = None, path: Path | None = None
+    ) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
+        """Attach a new (`config`) or saved (`path`) adapter with its AdamW (state restored from `path` if saved)."""
+        self._attach(name, config=config, path=path)
+        try:
+            params = self._adapter_params(name)
+            optimizer = torch.optim.AdamW(params, lr=TrainingConfig().learning_rate)
+            optimizer_file = path / OPTIMIZER_FILE if path is not None else None
+            if optimizer_file is not None and optimizer_file.is_file():
+                optimizer.load_state_dict(torch.load(optimizer_file, map_location=self.device, weights_only=True))
+        except BaseException:
+            self._detach(name)
+            raise
+        return params, optimizer
 
     def _attach(self, name: str, *, config: LoraConfig | None = None, path: Path | None = None) -> None:
         base = self.ensure_loaded().model
@@ -409,19 +404,7 @@ class DistillationTrainer:
             "hot_adapters": len(self._hot),
         }
 
-    def missing(self, lora_id: str) -> bool:
-        try:
-            self.store.read_metadata(lora_id)
-        except LoraNotFoundError:
-            return True
-        return False
-
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 3)
 
-
-def _utc_now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat()
