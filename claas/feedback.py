@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncGenerator, Literal
 
+from claas.core.chat import last_user_text
 from claas.core.config import Settings
 from claas.core.types import DistillBatch, FeedbackItem, OrchestrationConfig, TrainingConfig, TrainingExample
 from claas.errors import ClaasError, ConflictError, NotFoundError, PhaseFailedError, UnprocessableError
@@ -30,7 +31,7 @@ from claas.inference.helpers import normalize_text
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
-from claas.training.storage import LoraLockTimeoutError, validate_lora_id
+from claas.training.storage import LoraLockTimeoutError, LoraStoreError, validate_lora_id
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +89,6 @@ class LoraLocks:
             lock.release()
 
 
-def _last_user_text(messages: list[dict[str, Any]]) -> str:
-    from claas.training.teacher import message_text
-
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return message_text(message.get("content"))
-    return ""
-
-
 def _item_messages(item: FeedbackItem) -> list[dict[str, Any]]:
     if isinstance(item.prompt, list):
         return item.prompt
@@ -118,8 +110,8 @@ def _cached_for(item: FeedbackItem, cache: CompletionCache) -> CachedCompletion 
     if entry is None:
         return None
     # Same answer text but a different question: not the completion this feedback is about.
-    prompt_text = item.prompt if isinstance(item.prompt, str) else _last_user_text(item.prompt)
-    if normalize_text(prompt_text) not in normalize_text(_last_user_text(entry.messages)):
+    prompt_text = item.prompt if isinstance(item.prompt, str) else last_user_text(item.prompt)
+    if normalize_text(prompt_text) not in normalize_text(last_user_text(entry.messages)):
         return None
     return entry
 
@@ -256,8 +248,6 @@ async def _locked_phases(
 def _as_api_error(exc: BaseException, phase: str) -> BaseException:
     if isinstance(exc, ClaasError) or not isinstance(exc, Exception):
         return exc
-    from claas.training.storage import LoraStoreError
-
     if isinstance(exc, LoraStoreError):
         return exc  # mapped to 4xx by the app's handlers
     if isinstance(exc, ValueError) and phase in ("resolve", "distill"):

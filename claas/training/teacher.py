@@ -17,21 +17,14 @@ from typing import Any
 import httpx
 import torch
 
+from claas.core.chat import message_text
+
 HINDSIGHT_OPENING = "\n\n--- Later message from the user about your earlier answer to this request ---\n"
 HINDSIGHT_CLOSING = "\n--- End of the later message. Answer the original request again with it in mind. ---"
 
 
 class TeacherError(RuntimeError):
     """The remote teacher cannot be used (unreachable, different tokenizer, malformed answer)."""
-
-
-def message_text(content: Any) -> str:
-    """Flatten OpenAI message content (a string or a list of `{type: text}` parts) to text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
 def teacher_messages(messages: list[dict[str, Any]], feedback: str) -> list[dict[str, Any]]:

@@ -76,3 +76,15 @@ def unused_port_url(free_port_factory) -> str:
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
     return f"http://127.0.0.1:{port}"
+
+
+def test_trainer_renders_chats_like_the_server(model_server, trainer) -> None:
+    """Feedback on text the gateway never served is tokenized by the trainer; it must match what the server would
+    have rendered for the same messages, multi-part content included."""
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second."}]},
+    ]
+    served = httpx.post(f"{model_server.base_url}/tokenize", timeout=60, json={
+        "model": model_server.model, "messages": messages, "add_generation_prompt": True}).json()["tokens"]
+    assert chat_prompt_ids(trainer.tokenizer, messages) == served
