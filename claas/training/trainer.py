@@ -28,7 +28,14 @@ from safetensors.torch import save_file
 from claas.core.models import LoadedModel, load_model
 from claas.core.types import DistillBatch, DistillResult, LoraInitRequest, TrainingConfig, TrainingExample
 from claas.training.sdpo_loss import sdpo_loss_from_hidden
-from claas.training.storage import LoraExistsError, LoraMetadata, LoraStore
+from claas.training.storage import (
+    METADATA_FILE,
+    LoraExistsError,
+    LoraMetadata,
+    LoraNotFoundError,
+    LoraStore,
+    LoraStoreError,
+)
 from claas.training.teacher import RemoteTeacher, chat_prompt_ids, teacher_messages
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,7 @@ class HotAdapter:
     metadata: LoraMetadata
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.AdamW
+    snapshot: Path  # the on-disk snapshot these weights and optimizer state equal (freshness check)
 
 
 @dataclass
@@ -145,8 +153,11 @@ class DistillationTrainer:
         except BaseException:
             self._detach(name)
             raise
-        self._remember(HotAdapter(request.lora_id, name, self.store.read_metadata(request.lora_id), params, optimizer))
-        return self._hot[request.lora_id].metadata
+        snapshot = self.store.snapshot_path(request.lora_id)
+        metadata = _snapshot_metadata(snapshot, request.lora_id)
+        hot = HotAdapter(request.lora_id, name, metadata, params, optimizer, snapshot)
+        self._remember(hot)
+        return hot.metadata
 
     def evict(self, lora_id: str) -> None:
         hot = self._hot.pop(lora_id, None)
@@ -154,18 +165,30 @@ class DistillationTrainer:
             self._detach(hot.peft_name)
 
     def _hot_adapter(self, lora_id: str) -> HotAdapter:
-        if lora_id in self._hot:
-            self._hot.move_to_end(lora_id)
-            return self._hot[lora_id]
-        metadata = self.store.read_metadata(lora_id)
+        """The adapter in memory, equal to its current on-disk snapshot.
+
+        Another process sharing the adapter root may have saved a newer snapshot since this copy was loaded or
+        saved; stepping the stale copy would overwrite that update (a lost update). So the hot copy is used only
+        while the public link still points at the snapshot it equals; otherwise it is reloaded. Callers that
+        step hold the adapter's store lock, so the snapshot cannot change between this check and the save.
+        """
+        path = self.store.snapshot_path(lora_id)  # one consistent snapshot for weights and optimizer state
+        hot = self._hot.get(lora_id)
+        if hot is not None:
+            if hot.snapshot == path:
+                self._hot.move_to_end(lora_id)
+                return hot
+            logger.info("adapter %s was saved elsewhere since it was loaded (%s -> %s): reloading",
+                        lora_id, hot.snapshot.name, path.name)
+            self.evict(lora_id)
+        metadata = _snapshot_metadata(path, lora_id)
         if metadata.base_model != self.base_model:
             raise AdapterIncompatibleError(
                 f"adapter {lora_id!r} was made for {metadata.base_model!r}; this engine trains {self.base_model!r}"
             )
-        path = self.store.snapshot_path(lora_id)  # one consistent snapshot for weights and optimizer state
         name = peft_adapter_name(lora_id)
         params, optimizer = self._attach_trainable(name, path=path)
-        hot = HotAdapter(lora_id, name, metadata, params, optimizer)
+        hot = HotAdapter(lora_id, name, metadata, params, optimizer, path)
         self._remember(hot)
         return hot
 
@@ -289,7 +312,8 @@ class DistillationTrainer:
             self.evict(hot.lora_id)
         else:
             self.store.save(hot.lora_id, writer, metadata)
-            hot.metadata = self.store.read_metadata(hot.lora_id)
+            hot.snapshot = self.store.snapshot_path(hot.lora_id)
+            hot.metadata = _snapshot_metadata(hot.snapshot, hot.lora_id)
             saved_id = hot.lora_id
         timing["save"] = _ms_since(phase)
         return DistillResult(lora_id=saved_id, step=metadata.step, metrics=metrics, timing_ms=timing)
@@ -403,6 +427,16 @@ class DistillationTrainer:
             "device": str(self._loaded.device) if self._loaded else None,
             "hot_adapters": len(self._hot),
         }
+
+
+def _snapshot_metadata(snapshot: Path, lora_id: str) -> LoraMetadata:
+    """The metadata of one snapshot (not of whatever the public link points at by the time it is read)."""
+    try:
+        return LoraMetadata.from_json((snapshot / METADATA_FILE).read_text())
+    except FileNotFoundError as e:  # collected after being superseded and deleted: the adapter is gone or newer
+        raise LoraNotFoundError(f"no adapter {lora_id!r}") from e
+    except (OSError, ValueError) as e:
+        raise LoraStoreError(f"unreadable metadata in the snapshot of adapter {lora_id!r}") from e
 
 
 def _ms_since(started: float) -> float:
