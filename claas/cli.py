@@ -255,6 +255,22 @@ def feedback(
                   f"loss {metrics.get('loss', float('nan')):.4f} in {data['timing_ms'].get('total', 0):.0f} ms")
 
 
+# -------------------------------------------------------------------------------------------------------------- eval
+@app.command(
+    "eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Run the eval harness against a running CLaaS: Hydra overrides, e.g. "
+    "claas eval 'preferences=[concise]' num_steps=20 claas_url=http://127.0.0.1:8080",
+)
+def eval_command(ctx: typer.Context) -> None:
+    try:
+        from claas.eval.cli import main as eval_main
+    except ImportError as exc:
+        err.print(f"[red]the eval harness needs the eval extra: pip install 'claas[eval]' ({exc})[/red]")
+        raise typer.Exit(2) from None
+    raise typer.Exit(eval_main(list(ctx.args)))
+
+
 def main() -> None:
     app()
 
