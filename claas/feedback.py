@@ -22,12 +22,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncGenerator, Literal
 
-from claas.core.chat import last_user_text
+from claas.auth import OPEN_SCOPE, AuthScope
+from claas.core.chat import last_user_text, message_text
 from claas.core.config import Settings
+from claas.core.models import training_config_for
 from claas.core.types import DistillBatch, FeedbackItem, OrchestrationConfig, TrainingConfig, TrainingExample
 from claas.errors import ClaasError, ConflictError, NotFoundError, PhaseFailedError, UnprocessableError
 from claas.inference.cache import CachedCompletion, CompletionCache
-from claas.inference.helpers import normalize_text
+from claas.inference.helpers import normalize_text, text_key
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
@@ -99,26 +101,85 @@ def _item_messages(item: FeedbackItem) -> list[dict[str, Any]]:
     return messages
 
 
-def _cached_for(item: FeedbackItem, cache: CompletionCache) -> CachedCompletion | None:
+def _system_text(messages: list[dict[str, Any]]) -> str | None:
+    systems = [message_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer")]
+    return "\n".join(systems) if systems else None
+
+
+def _same_conversation(item: FeedbackItem, entry: CachedCompletion) -> bool:
+    """The feedback's prompt is the cached request's: the exact (normalized) last user turn, and the system prompt
+    too when the feedback gives one. No substring matching: "hi" is not "Summarise this...", and a prompt without a
+    user turn matches only a request without one."""
+    if isinstance(item.prompt, str):
+        prompt_text, system = item.prompt, item.system_prompt
+    else:
+        prompt_text, system = last_user_text(item.prompt), _system_text(item.prompt)
+        if item.system_prompt is not None:
+            system = item.system_prompt
+    if normalize_text(prompt_text) != normalize_text(last_user_text(entry.messages)):
+        return False
+    if system is not None:
+        cached_system = _system_text(entry.messages)
+        return cached_system is not None and normalize_text(system) == normalize_text(cached_system)
+    return True
+
+
+async def _usable(entry: CachedCompletion, lora_id: str, scope: AuthScope, engine: TrainingEngine) -> bool:
+    """May feedback on `lora_id` from `scope` train on this cached conversation? Yes when this adapter served it;
+    a base-model completion only when the same key scope asked for it; never one served by another adapter."""
+    if entry.model == lora_id:
+        return True
+    if entry.owner != scope.prefix:
+        return False
+    try:
+        return not await engine.lora_exists(entry.model)
+    except LoraStoreError:  # not even a lora id: a base model name
+        return True
+
+
+async def _cached_for(
+    item: FeedbackItem, cache: CompletionCache, scope: AuthScope, engine: TrainingEngine
+) -> CachedCompletion | None:
     if item.completion_id:
         entry = cache.get(item.completion_id)
-        if entry is None:
-            raise NotFoundError(f"completion {item.completion_id!r} is not in the completion cache (expired/unknown)")
+        # Another scope's completion reads as unknown: its existence is not the caller's business.
+        if entry is None or (entry.model != item.lora_id and entry.owner != scope.prefix):
+            raise NotFoundError(
+                f"completion {item.completion_id!r} is not in the completion cache (expired/unknown)",
+                param="completion_id",
+            )
+        if not await _usable(entry, item.lora_id, scope, engine):
+            raise UnprocessableError(
+                f"completion {item.completion_id!r} was served by {entry.model!r}, not by {item.lora_id!r}",
+                param="completion_id",
+            )
+        if text_key(item.response) not in (text_key(entry.response_text), text_key(entry.visible_text)):
+            raise UnprocessableError(
+                f"response differs from the text of completion {item.completion_id!r}; send the served answer "
+                "or leave out completion_id to train on the text as sent",
+                param="response",
+            )
+        if not _same_conversation(item, entry):
+            raise UnprocessableError(
+                f"prompt differs from the conversation of completion {item.completion_id!r}", param="prompt"
+            )
         return entry
-    # Prefer the completion this adapter served; the same text served by another model is still exact tokens.
-    entry = cache.find(item.response, model=item.lora_id) or cache.find(item.response)
-    if entry is None:
-        return None
-    # Same answer text but a different question: not the completion this feedback is about.
-    prompt_text = item.prompt if isinstance(item.prompt, str) else last_user_text(item.prompt)
-    if normalize_text(prompt_text) not in normalize_text(last_user_text(entry.messages)):
-        return None
-    return entry
+    candidates = [entry for entry in cache.candidates(item.response) if _same_conversation(item, entry)]
+    for entry in candidates:  # most recent first; this adapter's own completions before base-model ones
+        if entry.model == item.lora_id:
+            return cache.hit(entry)
+    for entry in candidates:
+        if await _usable(entry, item.lora_id, scope, engine):
+            return cache.hit(entry)
+    return cache.hit(None)
 
 
-def resolve_example(item: FeedbackItem, cache: CompletionCache) -> TrainingExample:
-    """Exact served tokens + rollout logprobs when the answer came through this gateway; otherwise text only."""
-    cached = _cached_for(item, cache)
+async def resolve_example(
+    item: FeedbackItem, cache: CompletionCache, scope: AuthScope, engine: TrainingEngine
+) -> TrainingExample:
+    """Exact served tokens + rollout logprobs when the answer came through this gateway (and may be used by this
+    caller for this adapter); otherwise text only."""
+    cached = await _cached_for(item, cache, scope, engine)
     if cached is not None:
         return TrainingExample(
             messages=cached.messages,
@@ -128,6 +189,7 @@ def resolve_example(item: FeedbackItem, cache: CompletionCache) -> TrainingExamp
             response_token_ids=cached.response_token_ids,
             rollout_logprobs=item.rollout_logprobs or cached.response_logprobs,
             source="cache",
+            completion_id=cached.completion_id,
         )
     return TrainingExample(
         messages=_item_messages(item),
@@ -165,11 +227,12 @@ async def run_feedback(
     orchestration: OrchestrationConfig,
     *,
     save_mode: Literal["in_place", "version"] = "in_place",
+    scope: AuthScope = OPEN_SCOPE,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     lora_id = validate_lora_id(items[0].lora_id)
     tx = Transaction(request_id=uuid.uuid4().hex, lora_id=lora_id)
-    training = items[0].training or TrainingConfig()
+    training = training_config_for(services.settings.base_model, items[0].training)
     metrics = services.metrics
     result: dict[str, Any] | None = None
     failure: BaseException | None = None
@@ -178,7 +241,7 @@ async def run_feedback(
         with tx.timed("resolve", metrics):
             if not await services.engine.lora_exists(lora_id):
                 raise NotFoundError(f"adapter {lora_id!r} does not exist; create it with POST /v1/lora/init")
-            examples = [resolve_example(item, services.cache) for item in items]
+            examples = [await resolve_example(item, services.cache, scope, services.engine) for item in items]
         lock_started = time.perf_counter()
         async with services.locks.hold(lora_id, services.settings.feedback_lock_timeout_s, services.engine):
             tx.timing_ms["lock_wait"] = round((time.perf_counter() - lock_started) * 1000.0, 3)
@@ -255,6 +318,17 @@ def _as_api_error(exc: BaseException, phase: str) -> BaseException:
     return PhaseFailedError(phase, exc)
 
 
+def _trained_on(example: TrainingExample) -> dict[str, Any]:
+    """What the step trained on, for the log: where the tokens came from and how many (known when cached)."""
+    return {
+        "source": example.source,
+        "completion_id": example.completion_id,
+        "prompt_tokens": len(example.prompt_token_ids) if example.prompt_token_ids is not None else None,
+        "response_tokens": len(example.response_token_ids) if example.response_token_ids is not None else None,
+        "trained_response": example.response_text,
+    }
+
+
 def _write_log(
     log_dir: Path,
     tx: Transaction,
@@ -277,7 +351,7 @@ def _write_log(
                 "prompt": item.prompt,
                 "response": item.response,
                 "feedback": item.feedback,
-                "source": examples[i].source if i < len(examples) else None,
+                **(_trained_on(examples[i]) if i < len(examples) else {"source": None}),
             }
             for i, item in enumerate(items)
         ],

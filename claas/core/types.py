@@ -137,6 +137,7 @@ class TrainingExample(BaseModel):
     response_token_ids: list[int] | None = None
     rollout_logprobs: list[float] | None = None
     source: Literal["cache", "tokenized"] = "tokenized"
+    completion_id: str | None = Field(None, description="The cached completion trained on (source=cache).")
 
 
 class DistillBatch(BaseModel):

@@ -35,6 +35,9 @@ class CachedCompletion:
     response_logprobs: list[float]  # one per response token, from the server
     response_text: str  # the full generated text (think blocks included)
     visible_text: str  # what the client saw (think stripped if the client asked for that)
+    # The API key scope that requested it (its lora-id prefix; None for an admin key or with auth off): feedback
+    # from another scope may not train on this conversation unless it was served by the caller's own adapter.
+    owner: str | None = None
     created_at: float = field(default_factory=time.time)  # wall clock, for records; expiry uses the cache's clock
 
 
@@ -87,6 +90,17 @@ class CompletionCache:
                     found = entry
                     break
         return self._count(found)
+
+    def candidates(self, response_text: str) -> list[CachedCompletion]:
+        """Every live completion whose full or visible text normalizes like `response_text`, most recent first.
+        Not counted as a lookup: the caller picks one and reports it with `hit`."""
+        ids = self._by_text.get(text_key(response_text))
+        live = (self._live(completion_id) for completion_id in reversed(list(ids or ())))
+        return [entry for entry in live if entry is not None]
+
+    def hit(self, entry: CachedCompletion | None) -> CachedCompletion | None:
+        """Count the outcome of a lookup made with `candidates` (a hit when `entry` is not None)."""
+        return self._count(entry)
 
     def _live(self, completion_id: str) -> CachedCompletion | None:
         item = self._entries.get(completion_id)

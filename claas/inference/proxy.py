@@ -90,11 +90,11 @@ class InferenceProxy:
         if request.stream:
             stream = self.inference.stream_chat_completions if chat else self.inference.stream_completions
             first, chunks = await self._open_stream(stream, payload, request.model)
-            relay = self._relay(first, chunks, request, want, chat=chat)
+            relay = self._relay(first, chunks, request, want, chat=chat, owner=scope.prefix)
             return StreamReply(relay, first.get("id") if first else None)
         call = self.inference.chat_completions if chat else self.inference.completions
         response = await self._retry_on_unknown_adapter(request.model, lambda: call(payload))
-        self._cache_reply(response, request, want, chat=chat)
+        self._cache_reply(response, request, want, chat=chat, owner=scope.prefix)
         shape_reply(response, want, chat=chat)
         return JsonReply(response, response.get("id"))
 
@@ -210,6 +210,7 @@ class InferenceProxy:
         want: ReplyOptions,
         *,
         chat: bool,
+        owner: str | None,
     ) -> AsyncIterator[bytes]:
         accs: dict[int, ChoiceAccumulator] = {}
         strippers: dict[int, ThinkStripper] = {}
@@ -248,6 +249,7 @@ class InferenceProxy:
                     logprobs=acc.logprobs,
                     text=text,
                     want=want,
+                    owner=owner,
                 )
         yield SSE_DONE
 
@@ -260,6 +262,7 @@ class InferenceProxy:
         want: ReplyOptions,
         *,
         chat: bool,
+        owner: str | None,
     ) -> None:
         completion_id = response.get("id")
         if not completion_id:
@@ -287,6 +290,7 @@ class InferenceProxy:
                 logprobs=logprobs,
                 text=text,
                 want=want,
+                owner=owner,
             )
 
     def _store(
@@ -300,6 +304,7 @@ class InferenceProxy:
         logprobs: list[Any],
         text: str,
         want: ReplyOptions,
+        owner: str | None,
     ) -> None:
         if prompt_ids is None or token_ids is None or len(logprobs) != len(token_ids) or None in logprobs:
             logger.debug("not caching %s: the server did not return exact token ids and logprobs", completion_id)
@@ -314,6 +319,7 @@ class InferenceProxy:
                 response_logprobs=[float(value) for value in logprobs],
                 response_text=text,
                 visible_text=strip_think(text) if want.strip_thinking else text,
+                owner=owner,
             )
         )
 

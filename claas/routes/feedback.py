@@ -34,10 +34,10 @@ ServicesDep = Annotated[FeedbackServices, Depends(feedback_services)]
 async def feedback(body: FeedbackRequest, services: ServicesDep, auth: AuthDep) -> dict[str, Any]:
     items = body.items()
     auth.require(items[0].lora_id)
-    return await run_feedback(services, items, body.orchestration)
+    return await run_feedback(services, items, body.orchestration, scope=auth)
 
 
 @router.post("/v1/distill")
 async def distill(body: DistillRequest, services: ServicesDep, auth: AuthDep) -> dict[str, Any]:
     auth.require(body.lora_id)
-    return await run_feedback(services, [body], OrchestrationConfig(), save_mode="version")
+    return await run_feedback(services, [body], OrchestrationConfig(), save_mode="version", scope=auth)

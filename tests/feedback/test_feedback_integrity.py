@@ -1,0 +1,65 @@
+"""Feedback trains on what the caller means, or on nothing (issue 8): real model server, real local engine, real
+gateway on 127.0.0.1. Refusals come before any sleep, step or write."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "Hi! Who are you?"
+FEEDBACK = "Your name is Kuro. Always introduce yourself as Kuro."
+HTTP = httpx.Client(timeout=900)
+
+
+def new_lora(gw: Any) -> str:
+    lora_id = f"fi/{uuid.uuid4().hex[:10]}"
+    reply = HTTP.post(f"{gw.v1}/lora/init", json={"lora_id": lora_id, "lora_r": 4, "lora_alpha": 8})
+    assert reply.status_code == 200, reply.text
+    return lora_id
+
+
+def served(gw: Any, lora_id: str) -> Any:
+    client = openai.OpenAI(base_url=gw.v1, api_key="unused")
+    return client.chat.completions.create(
+        model=lora_id, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=8
+    )
+
+
+def feedback(gw: Any, lora_id: str, response: str, **extra: Any) -> httpx.Response:
+    body = {"lora_id": lora_id, "prompt": QUESTION, "response": response, "feedback": FEEDBACK, **extra}
+    return HTTP.post(f"{gw.v1}/feedback", json=body)
+
+
+def no_sleep_or_step(gw: Any, since_calls: int, since_batches: int) -> bool:
+    return "/sleep" not in gw.transport.paths(since=since_calls) and len(gw.engine.batches) == since_batches
+
+
+def test_completion_id_with_another_text_is_refused_before_the_step(feedback_gateway: Any) -> None:
+    gw = feedback_gateway
+    lora_id = new_lora(gw)
+    completion = served(gw, lora_id)
+    calls, batches = len(gw.transport.calls), len(gw.engine.batches)
+    reply = feedback(gw, lora_id, "Something I never said.", completion_id=completion.id)
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["param"] == "response"
+    assert no_sleep_or_step(gw, calls, batches)
+
+
+def test_the_log_records_what_was_trained_on(feedback_gateway: Any) -> None:
+    gw = feedback_gateway
+    lora_id = new_lora(gw)
+    completion = served(gw, lora_id)
+    reply = feedback(gw, lora_id, completion.choices[0].message.content, completion_id=completion.id)
+    assert reply.status_code == 200, reply.text
+    (item,) = json.loads(Path(reply.json()["feedback_log_path"]).read_text())["items"]
+    assert item["source"] == "cache" and item["completion_id"] == completion.id
+    assert item["response_tokens"] == completion.usage.completion_tokens
+    assert item["prompt_tokens"] == completion.usage.prompt_tokens
