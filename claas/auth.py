@@ -1,5 +1,6 @@
-"""Optional bearer API keys (`CLAAS_API_KEYS`): `key` is an admin key, `key:prefix` may only touch lora ids that
-start with `prefix` (e.g. `k1:alice/` for alice's adapters). With no keys configured every caller is an admin.
+"""Optional bearer API keys (`CLAAS_API_KEYS`): `key` is an admin key, `key:prefix` may only touch lora ids under
+`prefix`, matched on whole path segments (`k1:alice` or `k1:alice/` grant `alice/...` and `alice` itself, never
+`alice2/...`), plus the inference server's base models. With no keys configured every caller is an admin.
 
 `AuthDep` (claas.deps) resolves the caller's `AuthScope`; routes that act on a lora_id call `scope.require(lora_id)`.
 
@@ -26,12 +27,19 @@ class AuthScope:
         return self.prefix is None
 
     def allows(self, lora_id: str) -> bool:
-        return self.prefix is None or lora_id.startswith(self.prefix)
+        """Whether `lora_id` (versions included: `x@latest` is under x's prefix) is under this key's prefix."""
+        if self.prefix is None:
+            return True
+        namespace = self.prefix.rstrip("/")
+        base = lora_id.partition("@")[0]
+        return base == namespace or base.startswith(namespace + "/")
 
-    def require(self, lora_id: str) -> None:
-        if not self.allows(lora_id):
+    def require(self, lora_id: str, *, param: str = "lora_id") -> None:
+        if self.prefix is not None and not self.allows(lora_id):
             raise ForbiddenError(
-                f"this API key may only use lora ids starting with '{self.prefix}', not '{lora_id}'", param="lora_id"
+                f"this API key may only use lora ids under '{self.prefix.rstrip('/')}/' (and base models), "
+                f"not '{lora_id}'",
+                param=param,
             )
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -155,10 +157,13 @@ class InferenceProxy:
             return False
 
     async def _check_access(self, scope: AuthScope, model: str | None) -> None:
+        """A scoped key may use the server's base models and adapters under its prefix; nothing else, whether the
+        store knows the adapter or not (a deleted adapter may still be loaded on the server)."""
         if scope.is_admin or model is None or scope.allows(model):
             return
-        if await self._is_known_lora(model):
-            scope.require(model)
+        if model in await served_base_models(self.inference):
+            return
+        scope.require(model, param="model")
 
     async def _retry_on_unknown_adapter(self, model: str | None, call: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -322,6 +327,21 @@ class InferenceProxy:
                 owner=owner,
             )
         )
+
+
+BASE_MODELS_MAX_AGE_S = 10.0
+_base_models: weakref.WeakKeyDictionary[InferenceBackend, tuple[float, frozenset[str]]] = weakref.WeakKeyDictionary()
+
+
+async def served_base_models(inference: InferenceBackend) -> frozenset[str]:
+    """Ids of the server's base models (model cards without a `parent`, i.e. not LoRA adapters), remembered per
+    client for BASE_MODELS_MAX_AGE_S: access checks ask on every scoped request; base models change only on restart."""
+    now = time.monotonic()
+    known = _base_models.get(inference)
+    if known is None or now - known[0] > BASE_MODELS_MAX_AGE_S:
+        cards = await inference.models()
+        known = _base_models[inference] = (now, frozenset(str(c.get("id")) for c in cards if c.get("parent") is None))
+    return known[1]
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query, Response
 
 from claas.core.types import LoraInfo, LoraInitRequest
 from claas.deps import AuthDep, EngineDep, InferenceDep
-from claas.training.storage import validate_lora_id
+from claas.inference.vllm import VllmClient
+from claas.training.storage import LATEST, split_version, validate_lora_id
 
 router = APIRouter(tags=["lora"])
 
@@ -48,5 +49,20 @@ async def delete_lora(
     validate_lora_id(lora_id, allow_version=True)
     auth.require(lora_id)
     await engine.delete_lora(lora_id)
-    await inference.unload_lora_adapter(lora_id, missing_ok=True)
-    return {"deleted": lora_id}
+    unloaded = await _unload_served_versions(inference, lora_id)
+    return {"deleted": lora_id, "unloaded": unloaded}
+
+
+async def _unload_served_versions(inference: VllmClient, lora_id: str) -> list[str]:
+    """Unload from the inference server every loaded name the deletion made stale: for an adapter, itself and all
+    its versions (`x@latest`, `x@<timestamp>`); for one version, it and `x@latest` (which may have pointed at it;
+    the proxy reloads the alias on its next use). Otherwise they would stay servable to any key."""
+    base, version = split_version(lora_id)
+    loaded = {str(card.get("id")) for card in await inference.models() if card.get("parent") is not None}
+    if version is None:
+        stale = {name for name in loaded if split_version(name)[0] == base}
+    else:
+        stale = loaded & {lora_id, f"{base}@{LATEST}"}
+    for name in sorted(stale | {lora_id}):
+        await inference.unload_lora_adapter(name, missing_ok=True)
+    return sorted(stale)

@@ -63,3 +63,23 @@ def test_the_log_records_what_was_trained_on(feedback_gateway: Any) -> None:
     assert item["source"] == "cache" and item["completion_id"] == completion.id
     assert item["response_tokens"] == completion.usage.completion_tokens
     assert item["prompt_tokens"] == completion.usage.prompt_tokens
+
+
+def test_delete_unloads_every_served_version(feedback_gateway: Any) -> None:
+    gw = feedback_gateway
+    lora_id = new_lora(gw)
+    distilled = HTTP.post(f"{gw.v1}/distill", json={"lora_id": lora_id, "prompt": QUESTION, "response": "I am Smol.",
+                                                     "feedback": FEEDBACK})
+    assert distilled.status_code == 200, distilled.text
+    version = distilled.json()["distill_result"]["lora_id"]
+    for name in (lora_id, f"{lora_id}@latest", version):
+        served(gw, name)  # the proxy loads versions on first use
+    loaded = {card["id"] for card in HTTP.get(f"{gw.model_server_url}/v1/models").json()["data"]}
+    assert {lora_id, f"{lora_id}@latest", version} <= loaded
+    reply = HTTP.delete(f"{gw.v1}/lora", params={"lora_id": lora_id})
+    assert reply.status_code == 200, reply.text
+    loaded = {card["id"] for card in HTTP.get(f"{gw.model_server_url}/v1/models").json()["data"]}
+    assert not {name for name in loaded if name.partition("@")[0] == lora_id}
+    gone = HTTP.post(f"{gw.v1}/chat/completions", json={"model": f"{lora_id}@latest", "max_tokens": 2,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+    assert gone.status_code == 404

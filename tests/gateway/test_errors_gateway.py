@@ -200,6 +200,8 @@ def test_body_over_the_limit_is_413_by_header_and_by_stream(make_gateway, fake_u
 def test_api_keys_401_403_and_scopes(make_gateway, fake_upstream, make_engine):
     reply = {"id": "chatcmpl-1", "object": "chat.completion", "model": "m", "choices": [], "usage": {}}
     fake_upstream.on("POST", "/v1/chat/completions", lambda r: httpx.Response(200, json=reply))
+    base_card = {"data": [{"id": "base", "parent": None}]}
+    fake_upstream.on("GET", "/v1/models", lambda r: httpx.Response(200, json=base_card))
     engine = make_engine({"alice/a": "/loras/alice/a", "bob/b": "/loras/bob/b"})
     with make_gateway(fake_upstream, engine=engine, api_keys="admin-key, k2:alice/") as (client, _):
         missing = client.post("/v1/chat/completions", json=CHAT)
@@ -215,7 +217,7 @@ def test_api_keys_401_403_and_scopes(make_gateway, fake_upstream, make_engine):
         assert chat("k2", "alice/a").status_code == 200
         assert chat("k2", "base").status_code == 200  # the base model is open to every key
         error = assert_error_shape(chat("k2", "bob/b"), 403)
-        assert "alice/" in error["message"]
+        assert "alice/" in error["message"] and error["param"] == "model"
         # metrics stay reachable without a key, like vLLM's
         assert client.get("/metrics").status_code == 200
 
