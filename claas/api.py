@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import claas
 from claas.auth import ApiKeys
 from claas.core.config import Settings, get_settings
+from claas.dashboard import routes as dashboard_routes
 from claas.errors import PayloadTooLargeError, install_error_handlers
 from claas.inference.cache import CompletionCache
 from claas.inference.vllm import VllmClient
@@ -76,6 +77,7 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
     install_error_handlers(app)
     for router in (inference_routes.router, feedback_routes.router, lora_routes.router, health_routes.router):
         app.include_router(router)
+    app.include_router(dashboard_routes.router)
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
     # add_middleware puts each new middleware outside the previous: metrics see the 413s too.
