@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -66,7 +66,14 @@ class Settings(BaseSettings):
     # Remote engines
     tinker_api_key: str | None = Field(None, description="Tinker API key (starts with `tml-`).")
     tinker_base_url: str | None = Field(None, description="Tinker service URL (SDK default when unset).")
+    distill_execution_mode: Literal["local", "modal", "tinker"] | None = Field(
+        None, description="Alias of CLAAS_TRAINING_ENGINE (the original CLaaS's name); both set and differing fails."
+    )
+    tinker_base_model: str = Field("Qwen/Qwen3-30B-A3B", description="Tinker model name the tinker engine trains.")
     modal_app_name: str = Field("claas", description="Deployed Modal app that hosts the DistillWorker.")
+    modal_gpu: str = Field("L40S", description="GPU of the Modal DistillWorker (read by `modal deploy`).")
+    modal_volume_name: str = Field("claas-loras", description="Modal Volume holding the adapter store.")
+    modal_timeout_s: float = Field(600.0, gt=0, description="Longest a Modal distill call may take before 503.")
 
     @field_validator("vllm_base_url", "remote_teacher_url")
     @classmethod
@@ -79,6 +86,19 @@ class Settings(BaseSettings):
         if value and not value.startswith("tml-"):
             raise ValueError("CLAAS_TINKER_API_KEY must start with 'tml-'")
         return value
+
+    @model_validator(mode="after")
+    def _engine_alias(self) -> Settings:
+        alias = self.distill_execution_mode
+        if alias is None:
+            return self
+        if "training_engine" in self.model_fields_set and self.training_engine != alias:
+            raise ValueError(
+                f"CLAAS_TRAINING_ENGINE={self.training_engine} and CLAAS_DISTILL_EXECUTION_MODE={alias} disagree; "
+                "set only one of them (CLAAS_TRAINING_ENGINE is the current name)"
+            )
+        self.training_engine = alias
+        return self
 
 
 @lru_cache

@@ -14,8 +14,14 @@ def get_training_engine(kind: str, settings: Settings) -> TrainingEngine:
         from claas.training.engine.local import LocalEngine
 
         return LocalEngine(settings)
-    if kind in ("modal", "tinker"):
-        raise ValueError(f"training engine {kind!r} is not part of this release yet; set CLAAS_TRAINING_ENGINE=local")
+    if kind == "modal":
+        from claas.training.engine.modal import ModalEngine
+
+        return ModalEngine(settings)
+    if kind == "tinker":
+        from claas.training.engine.tinker import TinkerEngine
+
+        return TinkerEngine(settings)
     raise ValueError(f"unknown training engine {kind!r}: expected one of local, modal, tinker")
 
 

@@ -14,25 +14,12 @@ from typing import Any, Callable, TypeVar
 from claas.core.config import Settings
 from claas.core.types import DistillBatch, DistillResult, LoraInfo, LoraInitRequest, LoraRuntimeRef
 from claas.training.engine.base import TrainingEngine
-from claas.training.storage import LoraMetadata, LoraStore
+from claas.training.engine.info import lora_info
+from claas.training.storage import LoraStore
 from claas.training.teacher import RemoteTeacher
 from claas.training.trainer import DistillationTrainer
 
 T = TypeVar("T")
-
-
-def lora_info(metadata: LoraMetadata, aliases: list[str] | None = None) -> LoraInfo:
-    return LoraInfo(
-        lora_id=metadata.lora_id,
-        base_model=metadata.base_model,
-        rank=metadata.rank,
-        alpha=metadata.alpha,
-        step=metadata.step,
-        created_at=metadata.created_at,
-        updated_at=metadata.updated_at,
-        aliases=aliases or [],
-        version_of=metadata.version_of,
-    )
 
 
 class LocalEngine(TrainingEngine):
