@@ -5,6 +5,11 @@ same way, OpenAI's shape, which the official clients parse:
 
     {"error": {"message": "...", "type": "...", "param": null | "field", "code": <http status>}}
 
+`type` is one of OpenAI's error types, chosen by the status alone (`openai_error_type`), on every route and for
+errors relayed from the inference server too: `invalid_request_error` (400, 404, 409, 413, 422),
+`authentication_error` (401), `permission_error` (403), `rate_limit_error` (429), `server_error` (5xx). A 5xx
+message names what failed (the phase, the upstream URL), never exception text or file paths; those go to the log.
+
 Validation errors are 400 on the OpenAI-compatible routes (as OpenAI and vLLM answer) and 422 naming the field on
 CLaaS's own routes. The adapter store's exceptions (`claas.training.storage`) are mapped here too.
 
@@ -18,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -31,11 +37,22 @@ logger = logging.getLogger(__name__)
 OPENAI_COMPATIBLE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/score", "/v1/models"})
 
 
+def openai_error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status: the one vocabulary of every error body this API sends."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
 class ClaasError(Exception):
-    """Base of every error a service raises on purpose. Subclasses fix `status_code` and `error_type`."""
+    """Base of every error a service raises on purpose. Subclasses fix `status_code`; the body's `type` follows
+    from it (`openai_error_type`)."""
 
     status_code: int = 500
-    error_type: str = "server_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -45,18 +62,20 @@ class ClaasError(Exception):
     def headers(self) -> dict[str, str] | None:
         return None
 
+    @property
+    def error_type(self) -> str:
+        return openai_error_type(self.status_code)
+
     def to_body(self) -> dict[str, Any]:
-        return error_body(self.message, self.error_type, self.status_code, param=self.param)
+        return error_body(self.message, self.status_code, param=self.param)
 
 
 class InvalidRequestError(ClaasError):
     status_code = 400
-    error_type = "invalid_request_error"
 
 
 class UnauthorizedError(ClaasError):
     status_code = 401
-    error_type = "authentication_error"
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
@@ -64,65 +83,65 @@ class UnauthorizedError(ClaasError):
 
 class ForbiddenError(ClaasError):
     status_code = 403
-    error_type = "permission_error"
 
 
 class NotFoundError(ClaasError):
     status_code = 404
-    error_type = "not_found_error"
 
 
 class ConflictError(ClaasError):
     status_code = 409
-    error_type = "conflict_error"
 
 
 class PayloadTooLargeError(ClaasError):
     status_code = 413
-    error_type = "invalid_request_error"
 
 
 class UnprocessableError(ClaasError):
     status_code = 422
-    error_type = "invalid_request_error"
 
 
 class UpstreamUnavailableError(ClaasError):
     """The inference server could not be reached; the message names the URL that failed."""
 
     status_code = 503
-    error_type = "upstream_unavailable"
 
 
 class UpstreamTimeoutError(UpstreamUnavailableError):
     status_code = 504
-    error_type = "upstream_timeout"
 
 
 class UpstreamError(ClaasError):
-    """The inference server answered with an error: its status, type and message are relayed unchanged."""
+    """The inference server answered with an error: its status, message and param are relayed; `upstream_type`
+    keeps the server's own type name (vLLM's `BadRequestError`) for logs, the body carries OpenAI's."""
 
-    def __init__(self, status_code: int, message: str, *, error_type: str | None = None, param: str | None = None):
+    def __init__(
+        self, status_code: int, message: str, *, upstream_type: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message, param=param)
         self.status_code = status_code
-        self.error_type = error_type or ("server_error" if status_code >= 500 else "invalid_request_error")
+        self.upstream_type = upstream_type
 
 
 class PhaseFailedError(ClaasError):
-    """A step of a multi-phase operation (the feedback transaction) failed; the message names the phase."""
+    """A step of a multi-phase operation (the feedback transaction) failed; the message names the phase and, for a
+    ClaasError cause, its message. An unexpected exception's text stays in the log (it may hold paths)."""
 
-    error_type = "phase_failed"
-
-    def __init__(self, phase: str, cause: BaseException | str, *, status_code: int = 500) -> None:
-        detail = cause.message if isinstance(cause, ClaasError) else str(cause) or type(cause).__name__
+    def __init__(self, phase: str, cause: BaseException | str, *, status_code: int = 500, ref: str | None = None):
+        if isinstance(cause, ClaasError):
+            detail = cause.message
+        elif isinstance(cause, str):
+            detail = cause
+        else:
+            detail = "internal error" + (f"; see the server log for request {ref}" if ref else "; see the server log")
         super().__init__(f"phase '{phase}' failed: {detail}")
         self.phase = phase
         self.cause = cause
         self.status_code = status_code
 
 
-def error_body(message: str, error_type: str, code: int, *, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+def error_body(message: str, code: int, *, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": openai_error_type(code), "param": param, "code": code}}
 
 
 def error_response(exc: ClaasError) -> JSONResponse:
@@ -164,28 +183,36 @@ def _field_name(loc: Sequence[Any]) -> str:
     return ".".join(str(part) for part in parts)
 
 
+def _error_field(err: dict[str, Any]) -> str:
+    """The field an error is about; none for a body that is not valid JSON (its loc is a character offset)."""
+    if err.get("type") == "json_invalid":
+        return ""
+    return _field_name(err.get("loc", ()))
+
+
 def _format_validation_error(err: dict[str, Any]) -> str:
-    field = _field_name(err.get("loc", ()))
-    return f"{field}: {err.get('msg', 'invalid value')}" if field else str(err.get("msg", "invalid value"))
+    field = _error_field(err)
+    msg = str(err.get("msg", "invalid value"))
+    if err.get("type") == "json_invalid":
+        ctx = err.get("ctx") or {}
+        detail = f" ({ctx['error']})" if isinstance(ctx, dict) and ctx.get("error") else ""
+        return f"the request body is not valid JSON{detail}"
+    return f"{field}: {msg}" if field else msg
 
 
 def validation_error_body(errors: Sequence[Any], *, status_code: int) -> dict[str, Any]:
     """One message for all errors; `param` is the first failing field (loc joined with '.')."""
     errs = [err for err in errors if isinstance(err, dict)]
     message = "; ".join(_format_validation_error(err) for err in errs) or "invalid request"
-    param = _field_name(errs[0].get("loc", ())) if errs else None
-    return error_body(message, "invalid_request_error", status_code, param=param or None)
+    param = _error_field(errs[0]) if errs else None
+    return error_body(message, status_code, param=param or None)
 
 
-_HTTP_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "conflict_error",
-    413: "invalid_request_error",
-}
+async def _pydantic_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A model validated inside a handler (not by FastAPI) failed: the caller's input, so a 4xx naming the field."""
+    assert isinstance(exc, pydantic.ValidationError)
+    status = 400 if request.url.path in OPENAI_COMPATIBLE_PATHS else 422
+    return JSONResponse(validation_error_body(exc.errors(), status_code=status), status_code=status)
 
 
 async def _claas_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -203,16 +230,14 @@ async def _validation_error_handler(request: Request, exc: Exception) -> JSONRes
 
 async def _http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    error_type = _HTTP_ERROR_TYPES.get(
-        exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error"
-    )
-    body = error_body(str(exc.detail), error_type, exc.status_code)
+    body = error_body(str(exc.detail), exc.status_code)
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", 500)
+    # The exception's text may hold paths or data: it goes to the log above, not to the caller.
+    body = error_body(f"internal error while handling {request.method} {request.url.path}; see the server log", 500)
     return JSONResponse(body, status_code=500)
 
 
@@ -239,6 +264,7 @@ def as_claas_error(exc: BaseException) -> ClaasError | None:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClaasError, _claas_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(pydantic.ValidationError, _pydantic_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(Exception, _unhandled_error_handler)
     for source, (target, param) in _storage_error_map().items():

@@ -27,7 +27,14 @@ from claas.core.chat import last_user_text, message_text
 from claas.core.config import Settings
 from claas.core.models import training_config_for
 from claas.core.types import DistillBatch, FeedbackItem, OrchestrationConfig, TrainingConfig, TrainingExample
-from claas.errors import ClaasError, ConflictError, NotFoundError, PhaseFailedError, UnprocessableError
+from claas.errors import (
+    ClaasError,
+    ConflictError,
+    NotFoundError,
+    PhaseFailedError,
+    UnprocessableError,
+    as_claas_error,
+)
 from claas.inference.cache import CachedCompletion, CompletionCache
 from claas.inference.helpers import normalize_text, text_key
 from claas.inference.vllm import VllmClient
@@ -249,7 +256,7 @@ async def run_feedback(
             result = await _locked_phases(services, tx, examples, training, orchestration, save_mode)
     except BaseException as exc:
         failure = exc
-        raise _as_api_error(exc, tx.phase) from exc
+        raise _as_api_error(exc, tx.phase, tx.request_id) from exc
     finally:
         tx.timing_ms["total"] = round((time.perf_counter() - started) * 1000.0, 3)
         status = "ok" if failure is None else "error"
@@ -308,14 +315,16 @@ async def _locked_phases(
     return distilled.model_dump()
 
 
-def _as_api_error(exc: BaseException, phase: str) -> BaseException:
+def _as_api_error(exc: BaseException, phase: str, request_id: str) -> BaseException:
     if isinstance(exc, ClaasError) or not isinstance(exc, Exception):
         return exc
-    if isinstance(exc, LoraStoreError):
-        return exc  # mapped to 4xx by the app's handlers
-    if isinstance(exc, ValueError) and phase in ("resolve", "distill"):
+    mapped = as_claas_error(exc)
+    if mapped is not None:
+        return mapped  # the store's 4xx errors (not found, invalid id, exists, locked)
+    if isinstance(exc, ValueError) and not isinstance(exc, LoraStoreError) and phase in ("resolve", "distill"):
         return TrainingInputError(f"{phase}: {exc}")
-    return PhaseFailedError(phase, exc)
+    logger.error("feedback %s failed in phase %s", request_id, phase, exc_info=exc)
+    return PhaseFailedError(phase, exc, ref=request_id)
 
 
 def _trained_on(example: TrainingExample) -> dict[str, Any]:

@@ -20,3 +20,25 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
         if message.get("role") == "user":
             return message_text(message.get("content"))
     return ""
+
+
+def check_messages(messages: list[Any]) -> None:
+    """Raise ValueError naming the first message that is not an OpenAI chat message: an object with a string
+    `role` and a `content` that is a string, a list of `{type: ...}` parts, or null."""
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {index} must be an object, not {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"message {index} needs a string 'role'")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ValueError(
+                f"message {index} 'content' must be a string or a list of content parts, not {type(content).__name__}"
+            )
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValueError(f"message {index} 'content' parts must be objects with a string 'type'")
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"message {index} has a text part without a string 'text'")

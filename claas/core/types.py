@@ -6,16 +6,25 @@ shapes are passed through to the inference server and are not modelled here.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from claas.core.chat import check_messages
+
+#: Shared field shapes, so the single and the batch form of feedback refuse the same input the same way (422).
+LoraIdField = Annotated[str, Field(min_length=1, max_length=128)]
+NonEmptyText = Annotated[str, Field(min_length=1)]
+Logprob = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def _check_prompt(prompt: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("prompt must not be empty")
-    if isinstance(prompt, list) and not prompt:
-        raise ValueError("prompt messages must not be empty")
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ValueError("prompt messages must not be empty")
+        check_messages(prompt)
     return prompt
 
 
@@ -55,13 +64,13 @@ class FeedbackItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_id: str = Field(min_length=1, max_length=128)
+    lora_id: LoraIdField
     prompt: str | list[dict[str, Any]] = Field(
         description="The user prompt, or the full chat messages that preceded the response."
     )
-    response: str = Field(min_length=1)
-    feedback: str = Field(min_length=1)
-    rollout_logprobs: list[float] | None = None
+    response: NonEmptyText
+    feedback: NonEmptyText
+    rollout_logprobs: list[Logprob] | None = None
     completion_id: str | None = Field(None, description="Id of the served completion, when the caller has it.")
     system_prompt: str | None = None
     training: TrainingConfig | None = None
@@ -77,11 +86,11 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_id: str | None = None
+    lora_id: LoraIdField | None = None
     prompt: str | list[dict[str, Any]] | None = None
-    response: str | None = None
-    feedback: str | None = None
-    rollout_logprobs: list[float] | None = None
+    response: NonEmptyText | None = None
+    feedback: NonEmptyText | None = None
+    rollout_logprobs: list[Logprob] | None = None
     completion_id: str | None = None
     system_prompt: str | None = None
     training: TrainingConfig | None = None

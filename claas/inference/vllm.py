@@ -210,6 +210,9 @@ class VllmClient:
         logger.debug("upstream %s %s -> %d: %s", method, path, status, message)
         if status == 404:
             return NotFoundError(message, param=param)
-        if status >= 500:
+        if status == 500:  # the server's internal error text (exception, paths) is for its own log, not callers
+            logger.warning("inference server error from %s %s%s: %s", method, self.base_url, path, message)
+            message = f"inference server error from {method} {self.base_url}{path} (HTTP 500; see its log)"
+        elif status > 500:
             message = f"inference server error from {method} {self.base_url}{path}: {message}"
-        return UpstreamError(status, message, error_type=error_type, param=param)
+        return UpstreamError(status, message, upstream_type=error_type, param=param)

@@ -14,7 +14,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from claas.core.chat import check_messages
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,12 @@ class ChatCompletionRequest(_OpenAIRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    @field_validator("messages")
+    @classmethod
+    def _messages_shape(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        check_messages(messages)
+        return messages
+
     def reply_options(self, *, strip_thinking: bool = False) -> ReplyOptions:
         return ReplyOptions(
             logprobs=bool(self.logprobs),
@@ -127,3 +135,9 @@ class ScoreRequest(BaseModel):
     model: str = Field(min_length=1)
     messages: list[dict[str, Any]] = Field(min_length=1)
     completion: str = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_shape(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        check_messages(messages)
+        return messages

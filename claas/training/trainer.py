@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from claas.core.models import LoadedModel, load_model
 from claas.core.types import DistillBatch, DistillResult, LoraInitRequest, TrainingConfig, TrainingExample
+from claas.errors import UnprocessableError
 from claas.training.sdpo_loss import sdpo_loss_from_hidden
 from claas.training.storage import (
     METADATA_FILE,
@@ -44,8 +45,11 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 OPTIMIZER_FILE = "optimizer_state.pt"
 
 
-class AdapterIncompatibleError(ValueError):
-    """The adapter was made for another base model than the one this trainer holds."""
+class AdapterIncompatibleError(UnprocessableError, ValueError):
+    """The adapter was made for another base model than the one this trainer holds (422, `param: base_model`)."""
+
+    def __init__(self, message: str, *, param: str | None = "base_model") -> None:
+        super().__init__(message, param=param)
 
 
 @dataclass
@@ -95,6 +99,7 @@ class DistillationTrainer:
         self._loaded: LoadedModel | None = None
         self._peft: Any = None  # PeftModel once the first adapter exists
         self._hot: OrderedDict[str, HotAdapter] = OrderedDict()
+        self._linear_names: set[str] = set()
 
     # ------------------------------------------------------------------ model
     def ensure_loaded(self) -> LoadedModel:
@@ -103,6 +108,9 @@ class DistillationTrainer:
             self._loaded = load_model(self.base_model, self._cache_dir, self._device_preference)
             for param in self._loaded.model.parameters():
                 param.requires_grad_(False)
+            # What LoRA may target, read before any adapter wraps these layers.
+            self._linear_names = {name.rpartition(".")[2] for name, module in self._loaded.model.named_modules()
+                                  if isinstance(module, torch.nn.Linear)} - {"lm_head"}
             if self._loaded.device.type == "cuda":
                 self._loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             logger.info("trainer loaded %s on %s in %.1fs", self.base_model, self._loaded.device,
@@ -131,6 +139,7 @@ class DistillationTrainer:
             raise LoraExistsError(f"adapter {request.lora_id!r} already exists")
         self.evict(request.lora_id)  # a stale hot copy of an adapter deleted by another process
         target_modules = request.target_modules or DEFAULT_TARGET_MODULES
+        self._check_target_modules(target_modules)
         config = LoraConfig(
             r=request.lora_r or self._default_rank,
             lora_alpha=request.lora_alpha or self._default_alpha,
@@ -158,6 +167,18 @@ class DistillationTrainer:
         hot = HotAdapter(request.lora_id, name, metadata, params, optimizer, snapshot)
         self._remember(hot)
         return hot.metadata
+
+    def _check_target_modules(self, target_modules: list[str]) -> None:
+        """Refuse module names the base model has no linear layer for, before anything is attached or written."""
+        self.ensure_loaded()
+        linear = self._linear_names
+        unknown = sorted(set(target_modules) - linear)
+        if unknown:
+            raise UnprocessableError(
+                f"target_modules {unknown} are not linear layers of {self.base_model!r}; "
+                f"choose from {sorted(linear)}",
+                param="target_modules",
+            )
 
     def evict(self, lora_id: str) -> None:
         hot = self._hot.pop(lora_id, None)

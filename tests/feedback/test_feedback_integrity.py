@@ -83,3 +83,19 @@ def test_delete_unloads_every_served_version(feedback_gateway: Any) -> None:
     gone = HTTP.post(f"{gw.v1}/chat/completions", json={"model": f"{lora_id}@latest", "max_tokens": 2,
                                                          "messages": [{"role": "user", "content": "hi"}]})
     assert gone.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [({"target_modules": ["q_proj", "no_such_proj"]}, "target_modules"), ({"base_model": "other-model"}, "base_model")],
+)
+def test_init_refuses_what_the_base_model_cannot_take(feedback_gateway: Any, fields: dict, param: str) -> None:
+    gw = feedback_gateway
+    lora_id = f"fi/{uuid.uuid4().hex[:10]}"
+    reply = HTTP.post(f"{gw.v1}/lora/init", json={"lora_id": lora_id, **fields})
+    assert reply.status_code == 422, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert not gw.engine.store.exists(lora_id)  # refused before any write
+    again = HTTP.post(f"{gw.v1}/lora/init", json={"lora_id": lora_id})
+    assert again.status_code == 200, again.text  # and the id is still free

@@ -39,7 +39,7 @@ def test_upstream_down_is_503_naming_the_url(make_settings, make_engine, unused_
         for payload in (CHAT, {**CHAT, "stream": True}):
             error = assert_error_shape(client.post("/v1/chat/completions", json=payload), 503)
             assert f"{url}/v1/chat/completions" in error["message"]
-            assert error["type"] == "upstream_unavailable"
+            assert error["type"] == "server_error"
         error = assert_error_shape(client.get("/v1/models"), 503)
         assert f"{url}/v1/models" in error["message"]
 
@@ -70,9 +70,9 @@ def test_both_upstream_error_shapes_are_relayed(make_gateway, fake_upstream, bod
     fake_upstream.on("POST", "/v1/chat/completions", upstream_error(400, body))
     with make_gateway(fake_upstream) as (client, _):
         error = assert_error_shape(client.post("/v1/chat/completions", json={**CHAT, "stream": stream}), 400)
-    assert error == {
+    assert error == {  # message and param relayed; the type is OpenAI's, like every other error of the API
         "message": "max_tokens is too large",
-        "type": "BadRequestError",
+        "type": "invalid_request_error",
         "param": "max_tokens",
         "code": 400,
     }
@@ -82,7 +82,9 @@ def test_upstream_5xx_names_the_url_and_keeps_the_status(make_gateway, fake_upst
     fake_upstream.on("POST", "/v1/chat/completions", lambda r: httpx.Response(500, text="engine dead"))
     with make_gateway(fake_upstream) as (client, _):
         error = assert_error_shape(client.post("/v1/chat/completions", json=CHAT), 500)
-    assert "engine dead" in error["message"] and "http://upstream.test/v1/chat/completions" in error["message"]
+    # Names what failed; the server's internal error text stays in the logs.
+    assert "engine dead" not in error["message"] and "http://upstream.test/v1/chat/completions" in error["message"]
+    assert error["type"] == "server_error"
 
 
 def test_unknown_model_is_404_with_the_servers_message(make_gateway, fake_upstream):
@@ -141,7 +143,8 @@ def _claas_routes(app: FastAPI) -> None:
             "exists": LoraExistsError("alice/x exists"),
             "locked": LoraLockTimeoutError("lock on alice/x not acquired in 1s"),
             "phase": PhaseFailedError("reload", UpstreamUnavailableError("server at http://x unreachable")),
-            "bug": RuntimeError("boom"),
+            "bug": RuntimeError("boom in /secret/path"),
+            "phase_bug": PhaseFailedError("distill", OSError("disk full at /secret/path")),
         }[kind]
 
     app.add_api_route("/v1/test-own", own_route, methods=["POST"])
@@ -165,7 +168,8 @@ def test_validation_on_claas_routes_is_422_naming_the_field(make_gateway, fake_u
         ("exists", 409, "lora_id", "exists"),
         ("locked", 409, "lora_id", "lock"),
         ("phase", 500, None, "phase 'reload' failed"),
-        ("bug", 500, None, "RuntimeError: boom"),
+        ("bug", 500, None, "internal error while handling GET /v1/test-raise/bug"),
+        ("phase_bug", 500, None, "phase 'distill' failed: internal error"),
     ],
 )
 def test_service_errors_map_to_status_and_shape(make_gateway, fake_upstream, kind, status, param, words):
@@ -173,6 +177,8 @@ def test_service_errors_map_to_status_and_shape(make_gateway, fake_upstream, kin
         _claas_routes(app)
         error = assert_error_shape(client.get(f"/v1/test-raise/{kind}"), status)
     assert error["param"] == param and words in error["message"]
+    assert "/secret/path" not in error["message"] and "boom" not in error["message"]  # internals stay in the log
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
 
 
 def test_unknown_route_and_method_use_the_same_shape(make_gateway, fake_upstream):
