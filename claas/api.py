@@ -55,7 +55,7 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
             if training is None:
                 training = get_training_engine(settings.training_engine, settings)
                 await training.warmup()  # load the base model now, not on the first feedback
-            app.state.inference = inference
+            app.state.inference = training.inference_backend() or inference
             app.state.cache = CompletionCache(
                 settings.completion_cache_size, settings.completion_cache_ttl_s, on_lookup=metrics.record_cache_lookup
             )

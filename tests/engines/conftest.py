@@ -8,11 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tinker_fakes import FakeRestClient, FakeServiceClient, FakeTinkerCloud
-
-from claas.core.config import Settings
-
-BASE = "smollm2-135m"
+from tinker_fakes import BASE, FakeRestClient, FakeServiceClient, FakeTinkerCloud, tinker_settings
 
 
 @pytest.fixture(scope="session")
@@ -23,18 +19,6 @@ def tinker_cloud(model_cache_dir: Path) -> FakeTinkerCloud:
     for param in loaded.model.parameters():
         param.requires_grad_(False)
     return FakeTinkerCloud(loaded, BASE)
-
-
-def tinker_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "training_engine": "tinker",
-        "tinker_base_model": BASE,
-        "lora_root": tmp_path / "loras",
-        "feedback_log_dir": tmp_path / "feedback",
-        "lora_rank": 8,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @pytest.fixture

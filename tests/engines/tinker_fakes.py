@@ -27,8 +27,23 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from tinker import types
 from tinker.lib.public_interfaces.api_future import AwaitableConcurrentFuture
 
+from claas.core.config import Settings
+
+BASE = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FILES_URL = "https://fake-tinker.test/files"
+
+
+def tinker_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "training_engine": "tinker",
+        "tinker_base_model": BASE,
+        "lora_root": tmp_path / "loras",
+        "feedback_log_dir": tmp_path / "feedback",
+        "lora_rank": 8,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 class FakeTinkerCloud:

@@ -7,9 +7,12 @@ class holds no logic.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from claas.core.types import DistillBatch, DistillResult, LoraInfo, LoraInitRequest, LoraRuntimeRef
+
+if TYPE_CHECKING:
+    from claas.inference.base import InferenceBackend
 
 
 class TrainingEngine(ABC):
@@ -47,3 +50,7 @@ class TrainingEngine(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    def inference_backend(self) -> InferenceBackend | None:
+        """What serves chat when it is not the vLLM-compatible server at CLAAS_VLLM_BASE_URL (tinker: its sampler)."""
+        return None
