@@ -37,6 +37,7 @@ from claas.errors import (
 )
 from claas.inference.cache import CachedCompletion, CompletionCache
 from claas.inference.helpers import normalize_text, text_key
+from claas.inference.proxy import served_base_models
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
@@ -248,6 +249,12 @@ async def run_feedback(
         with tx.timed("resolve", metrics):
             if not await services.engine.lora_exists(lora_id):
                 raise NotFoundError(f"adapter {lora_id!r} does not exist; create it with POST /v1/lora/init")
+            if lora_id in await served_base_models(services.inference):  # the server could never serve the update
+                raise UnprocessableError(
+                    f"adapter {lora_id!r} has the name of a base model on the inference server, which cannot load "
+                    "it; create the adapter under another id",
+                    param="lora_id",
+                )
             examples = [await resolve_example(item, services.cache, scope, services.engine) for item in items]
         lock_started = time.perf_counter()
         async with services.locks.hold(lora_id, services.settings.feedback_lock_timeout_s, services.engine):

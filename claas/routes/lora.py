@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
 
 from claas.core.types import LoraInfo, LoraInitRequest
 from claas.deps import AuthDep, EngineDep, InferenceDep
+from claas.errors import UnprocessableError
+from claas.inference.proxy import served_base_models
 from claas.inference.vllm import VllmClient
 from claas.training.storage import LATEST, split_version, validate_lora_id
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["lora"])
 
@@ -18,10 +23,23 @@ router = APIRouter(tags=["lora"])
 async def init_lora(body: LoraInitRequest, engine: EngineDep, inference: InferenceDep, auth: AuthDep) -> LoraInfo:
     validate_lora_id(body.lora_id)
     auth.require(body.lora_id)
+    if body.lora_id in await served_base_models(inference):  # the server would refuse it; refuse before writing
+        raise UnprocessableError(
+            f"lora_id {body.lora_id!r} is the name of a base model on the inference server; choose another id",
+            param="lora_id",
+        )
     info = await engine.init_lora(body)
-    # Servable at once: load it on the inference server under its lora_id.
-    ref = await engine.lora_runtime_ref(body.lora_id)
-    await inference.reload_lora_adapter(ref.name, ref.path)
+    # Servable at once: load it on the inference server under its lora_id. All or nothing: an adapter the server
+    # did not take is removed again, so the caller's retry is not refused with "already exists".
+    try:
+        ref = await engine.lora_runtime_ref(body.lora_id)
+        await inference.reload_lora_adapter(ref.name, ref.path)
+    except Exception:
+        try:
+            await engine.delete_lora(body.lora_id)
+        except Exception:
+            logger.exception("could not undo the creation of %s after the inference server refused it", body.lora_id)
+        raise
     return info
 
 

@@ -3,6 +3,7 @@ gateway on 127.0.0.1. Refusals come before any sleep, step or write."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -11,6 +12,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
+from claas.core.types import LoraInitRequest
+from claas.deps import get_inference
+from claas.errors import UpstreamError
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +104,48 @@ def test_init_refuses_what_the_base_model_cannot_take(feedback_gateway: Any, fie
     assert not gw.engine.store.exists(lora_id)  # refused before any write
     again = HTTP.post(f"{gw.v1}/lora/init", json={"lora_id": lora_id})
     assert again.status_code == 200, again.text  # and the id is still free
+
+
+def _client(gw: Any) -> Any:
+    """The gateway's own inference client (the fixture's dependency override)."""
+    return asyncio.run(gw.app.dependency_overrides[get_inference]())
+
+
+def test_init_with_a_base_model_name_is_refused_before_any_write(feedback_gateway: Any) -> None:
+    gw = feedback_gateway
+    reply = HTTP.post(f"{gw.v1}/lora/init", json={"lora_id": gw.base_model})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["param"] == "lora_id"
+    assert not gw.engine.store.exists(gw.base_model)
+
+
+def test_init_that_the_server_refuses_is_undone(feedback_gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    gw = feedback_gateway
+    lora_id = f"fi/{uuid.uuid4().hex[:10]}"
+
+    async def refuse(name: str, path: str) -> None:
+        raise UpstreamError(400, f"cannot load {name}")
+
+    monkeypatch.setattr(_client(gw), "load_lora_adapter", refuse)
+    reply = HTTP.post(f"{gw.v1}/lora/init", json={"lora_id": lora_id})
+    assert reply.status_code == 400 and "cannot load" in reply.json()["error"]["message"]
+    assert not gw.engine.store.exists(lora_id)
+    monkeypatch.undo()
+    retry = HTTP.post(f"{gw.v1}/lora/init", json={"lora_id": lora_id})
+    assert retry.status_code == 200, retry.text  # not "already exists"
+
+
+def test_feedback_on_an_unservable_adapter_is_refused_before_the_step(feedback_gateway: Any) -> None:
+    gw = feedback_gateway
+    name = gw.base_model  # e.g. made by an older CLaaS straight in the store
+    gw.engine.trainer.init_lora(LoraInitRequest(lora_id=name, lora_r=2, lora_alpha=4))
+    try:
+        calls, batches = len(gw.transport.calls), len(gw.engine.batches)
+        reply = feedback(gw, name, "I am SmolLM.")
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["error"]["param"] == "lora_id"
+        assert no_sleep_or_step(gw, calls, batches)
+        assert gw.engine.store.read_metadata(name).step == 0
+    finally:
+        gw.engine.store.delete(name)
+        gw.engine.trainer.evict(name)
