@@ -20,12 +20,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import claas
 from claas.auth import ApiKeys
-from claas.core.config import Settings, get_settings
+from claas.core.config import Settings, get_settings, secret
 from claas.dashboard import routes as dashboard_routes
+from claas.deps import AuthDep
 from claas.errors import PayloadTooLargeError, install_error_handlers
 from claas.inference.cache import CompletionCache
 from claas.inference.vllm import VllmClient
@@ -49,7 +52,9 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
-        inference = VllmClient(settings.vllm_base_url, api_key=settings.vllm_api_key, timeout_s=settings.vllm_timeout_s)
+        inference = VllmClient(
+            settings.vllm_base_url, api_key=secret(settings.vllm_api_key), timeout_s=settings.vllm_timeout_s
+        )
         training = engine
         try:
             if training is None:
@@ -69,10 +74,22 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
             finally:
                 await inference.aclose()
 
-    app = FastAPI(title="CLaaS", version=claas.__version__, lifespan=lifespan)
+    api_keys = ApiKeys.parse(secret(settings.api_keys))
+    # With keys configured the schema and its docs page need a key too (they list every route and field).
+    keyed = api_keys.enabled
+    app = FastAPI(
+        title="CLaaS",
+        version=claas.__version__,
+        lifespan=lifespan,
+        docs_url=None if keyed else "/docs",
+        redoc_url=None if keyed else "/redoc",
+        openapi_url=None if keyed else "/openapi.json",
+    )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.api_keys = ApiKeys.parse(settings.api_keys)
+    app.state.api_keys = api_keys
+    if keyed:
+        _add_keyed_docs(app)
 
     install_error_handlers(app)
     for router in (inference_routes.router, feedback_routes.router, lora_routes.router, health_routes.router):
@@ -84,6 +101,19 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def _add_keyed_docs(app: FastAPI) -> None:
+    """`/openapi.json` and `/docs` behind the bearer key (FastAPI's own ones are switched off)."""
+
+    async def openapi(auth: AuthDep) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    async def docs(auth: AuthDep) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    app.add_api_route("/openapi.json", openapi, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
 
 class BodySizeLimitMiddleware:

@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 
 from claas.auth import AuthScope
 from claas.core.config import Settings
+from claas.errors import UnauthorizedError
 from claas.inference.cache import CompletionCache
 from claas.inference.proxy import InferenceProxy
 from claas.inference.vllm import VllmClient
@@ -52,12 +53,22 @@ async def get_auth(request: Request) -> AuthScope:
     return _state(request, "api_keys").authenticate(request.headers.get("authorization"))
 
 
+async def get_optional_auth(request: Request) -> AuthScope | None:
+    """The caller's scope, or None when keys are configured and the request has no valid one (routes that answer
+    anonymous callers too, with less)."""
+    try:
+        return await get_auth(request)
+    except UnauthorizedError:
+        return None
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 InferenceDep = Annotated[VllmClient, Depends(get_inference)]
 CacheDep = Annotated[CompletionCache, Depends(get_cache)]
 EngineDep = Annotated[TrainingEngine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AuthDep = Annotated[AuthScope, Depends(get_auth)]
+OptionalAuthDep = Annotated[AuthScope | None, Depends(get_optional_auth)]
 
 
 async def get_proxy(inference: InferenceDep, cache: CacheDep, engine: EngineDep, metrics: MetricsDep) -> InferenceProxy:

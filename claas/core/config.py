@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,7 +34,9 @@ class Settings(BaseSettings):
 
     # Inference server (vLLM or `claas model-server`)
     vllm_base_url: str = Field("http://127.0.0.1:8000", description="Base URL of the vLLM-compatible server.")
-    vllm_api_key: str | None = Field(None, description="Bearer key sent to the inference server, if it needs one.")
+    vllm_api_key: SecretStr | None = Field(
+        None, description="Bearer key sent to the inference server, if it needs one."
+    )
     vllm_timeout_s: float = Field(300.0, gt=0, description="Timeout for one request to the inference server.")
 
     # Training
@@ -61,10 +63,12 @@ class Settings(BaseSettings):
     completion_cache_size: int = Field(4096, ge=1, description="Completions kept for feedback lookup.")
     completion_cache_ttl_s: float = Field(3600.0, gt=0, description="Seconds a cached completion stays usable.")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
-    api_keys: str | None = Field(None, description="Comma-separated bearer keys, `key` (admin) or `key:prefix`.")
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated bearer keys, `key` (admin) or `key:prefix`."
+    )
 
     # Remote engines
-    tinker_api_key: str | None = Field(None, description="Tinker API key (starts with `tml-`).")
+    tinker_api_key: SecretStr | None = Field(None, description="Tinker API key (starts with `tml-`).")
     tinker_base_url: str | None = Field(None, description="Tinker service URL (SDK default when unset).")
     distill_execution_mode: Literal["local", "modal", "tinker"] | None = Field(
         None, description="Alias of CLAAS_TRAINING_ENGINE (the original CLaaS's name); both set and differing fails."
@@ -82,8 +86,8 @@ class Settings(BaseSettings):
 
     @field_validator("tinker_api_key")
     @classmethod
-    def _tinker_key_shape(cls, value: str | None) -> str | None:
-        if value and not value.startswith("tml-"):
+    def _tinker_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value and not value.get_secret_value().startswith("tml-"):
             raise ValueError("CLAAS_TINKER_API_KEY must start with 'tml-'")
         return value
 
@@ -101,13 +105,19 @@ class Settings(BaseSettings):
         return self
 
 
+def secret(value: SecretStr | None) -> str | None:
+    """The clear text of a key setting, for the one place that sends it (a header, an SDK client)."""
+    return value.get_secret_value() if value is not None else None
+
+
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
 
 
 def settings_table() -> list[tuple[str, str, str]]:
-    """(env var, current value, description) for every setting; used by `claas config`."""
+    """(env var, current value, description) for every setting; used by `claas config`. Keys (`SecretStr`) show
+    as `**********`, never in clear."""
     current = get_settings()
     rows = []
     for name, field in Settings.model_fields.items():
