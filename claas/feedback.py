@@ -31,10 +31,12 @@ from claas.errors import (
     ClaasError,
     ConflictError,
     NotFoundError,
+    PayloadTooLargeError,
     PhaseFailedError,
     UnprocessableError,
     as_claas_error,
 )
+from claas.inference.base import InferenceBackend
 from claas.inference.cache import CachedCompletion, CompletionCache
 from claas.inference.helpers import normalize_text, text_key
 from claas.inference.proxy import served_base_models
@@ -216,6 +218,7 @@ class Transaction:
     slept: bool = False
     woke: bool = False
     phase: str = "resolve"
+    token_counts: list[dict[str, int]] = field(default_factory=list)  # per example: prompt, response, feedback
 
     @contextlib.contextmanager
     def timed(self, phase: str, metrics: Metrics) -> Any:
@@ -256,6 +259,7 @@ async def run_feedback(
                     param="lora_id",
                 )
             examples = [await resolve_example(item, services.cache, scope, services.engine) for item in items]
+            tx.token_counts = await _check_lengths(services, examples)
         lock_started = time.perf_counter()
         async with services.locks.hold(lora_id, services.settings.feedback_lock_timeout_s, services.engine):
             tx.timing_ms["lock_wait"] = round((time.perf_counter() - lock_started) * 1000.0, 3)
@@ -334,13 +338,53 @@ def _as_api_error(exc: BaseException, phase: str, request_id: str) -> BaseExcept
     return PhaseFailedError(phase, exc, ref=request_id)
 
 
-def _trained_on(example: TrainingExample) -> dict[str, Any]:
-    """What the step trained on, for the log: where the tokens came from and how many (known when cached)."""
+async def _context_length(inference: InferenceBackend) -> int | None:
+    """The inference server's context length (`max_model_len` of its base model cards), if it reports one."""
+    lengths = [card.get("max_model_len") for card in await inference.models() if card.get("parent") is None]
+    known = [int(n) for n in lengths if isinstance(n, int) and n > 0]
+    return min(known) if known else None
+
+
+async def _check_lengths(services: FeedbackServices, examples: list[TrainingExample]) -> list[dict[str, int]]:
+    """Token counts of each example (the exact served ones when cached, else the server's tokenizer), refused with
+    413 when prompt + feedback + response exceed CLAAS_MAX_TRAINING_TOKENS or the model's context. Runs before the
+    lock and the sleep, so an oversized feedback costs no step and keeps no one waiting."""
+    inference = services.inference
+    limit, source = services.settings.max_training_tokens, "CLAAS_MAX_TRAINING_TOKENS"
+    context = await _context_length(inference)
+    if context is not None and context < limit:
+        limit, source = context, "the model's context length"
+    counts: list[dict[str, int]] = []
+    for index, example in enumerate(examples):
+        if example.prompt_token_ids is not None and example.response_token_ids is not None:
+            prompt, response = len(example.prompt_token_ids), len(example.response_token_ids)
+        else:
+            prompt = len(await inference.tokenize_messages(example.messages, add_generation_prompt=True))
+            response = len(await inference.tokenize_text(example.response_text))
+        feedback = len(await inference.tokenize_text(example.feedback))
+        count = {"prompt": prompt, "response": response, "feedback": feedback}
+        total = prompt + response + feedback
+        if total > limit:
+            field_name = max(count, key=lambda k: count[k])
+            where = f"requests.{index}." if len(examples) > 1 else ""
+            raise PayloadTooLargeError(
+                f"the feedback is {total} tokens (prompt {prompt} + response {response} + feedback {feedback}); "
+                f"at most {limit} can be trained on ({source})",
+                param=f"{where}{field_name}",
+            )
+        counts.append(count)
+    return counts
+
+
+def _trained_on(example: TrainingExample, counts: dict[str, int] | None) -> dict[str, Any]:
+    """What the step trained on, for the log: where the tokens came from and how many."""
+    counts = counts or {}
     return {
         "source": example.source,
         "completion_id": example.completion_id,
-        "prompt_tokens": len(example.prompt_token_ids) if example.prompt_token_ids is not None else None,
-        "response_tokens": len(example.response_token_ids) if example.response_token_ids is not None else None,
+        "prompt_tokens": counts.get("prompt"),
+        "response_tokens": counts.get("response"),
+        "feedback_tokens": counts.get("feedback"),
         "trained_response": example.response_text,
     }
 
@@ -367,7 +411,8 @@ def _write_log(
                 "prompt": item.prompt,
                 "response": item.response,
                 "feedback": item.feedback,
-                **(_trained_on(examples[i]) if i < len(examples) else {"source": None}),
+                **(_trained_on(examples[i], tx.token_counts[i] if i < len(tx.token_counts) else None)
+                   if i < len(examples) else {"source": None}),
             }
             for i, item in enumerate(items)
         ],

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     completion_cache_size: int = Field(4096, ge=1, description="Completions kept for feedback lookup.")
     completion_cache_ttl_s: float = Field(3600.0, gt=0, description="Seconds a cached completion stays usable.")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_training_tokens: int = Field(
+        4096,
+        ge=16,
+        description="Longest feedback example trained on (prompt + feedback + response tokens, also capped by the "
+        "model's context); longer ones get 413 before the server is put to sleep.",
+    )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated bearer keys, `key` (admin) or `key:prefix`."
     )

@@ -149,3 +149,26 @@ def test_feedback_on_an_unservable_adapter_is_refused_before_the_step(feedback_g
     finally:
         gw.engine.store.delete(name)
         gw.engine.trainer.evict(name)
+
+
+def test_oversized_feedback_is_413_naming_the_limit_before_any_sleep(
+    feedback_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = feedback_gateway
+    lora_id = new_lora(gw)
+    calls, batches = len(gw.transport.calls), len(gw.engine.batches)
+    monkeypatch.setattr(gw.settings, "max_training_tokens", 64)
+    reply = feedback(gw, lora_id, "I am SmolLM. " * 40)
+    assert reply.status_code == 413, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "response" and "CLAAS_MAX_TRAINING_TOKENS" in error["message"]
+    assert "at most 64" in error["message"]
+    monkeypatch.setattr(gw.settings, "max_training_tokens", 10**6)  # now the model's context is the bound
+    context = HTTP.get(f"{gw.model_server_url}/v1/models").json()["data"][0]["max_model_len"]
+    reply = feedback(gw, lora_id, "Hello. " * context)
+    assert reply.status_code == 413, reply.text
+    message = reply.json()["error"]["message"]
+    assert "context length" in message and f"at most {context}" in message
+    assert no_sleep_or_step(gw, calls, batches)
+    monkeypatch.undo()
+    assert feedback(gw, lora_id, "I am SmolLM.").status_code == 200  # a normal one still trains
