@@ -13,6 +13,7 @@ Not here: route logic (claas.routes.*), services (claas.inference.proxy, claas.f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator
@@ -29,8 +30,10 @@ from claas.auth import ApiKeys
 from claas.core.config import Settings, get_settings, secret
 from claas.dashboard import routes as dashboard_routes
 from claas.deps import AuthDep
-from claas.errors import PayloadTooLargeError, install_error_handlers
+from claas.errors import ClaasError, PayloadTooLargeError, install_error_handlers
+from claas.inference.base import InferenceBackend
 from claas.inference.cache import CompletionCache
+from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics, MetricsMiddleware, metrics_endpoint
 from claas.routes import feedback as feedback_routes
@@ -56,6 +59,7 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
             settings.vllm_base_url, api_key=secret(settings.vllm_api_key), timeout_s=settings.vllm_timeout_s
         )
         training = engine
+        waking: asyncio.Task[None] | None = None
         try:
             if training is None:
                 training = get_training_engine(settings.training_engine, settings)
@@ -66,8 +70,12 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
             )
             app.state.engine = training
             logger.info("CLaaS API ready: inference server %s, engine %s", settings.vllm_base_url, training.kind)
+            # In the background, so an unreachable server does not hold up the start.
+            waking = asyncio.create_task(_wake_if_asleep(app.state.inference))
             yield
         finally:
+            if waking is not None:
+                waking.cancel()
             try:
                 if engine is None and training is not None:
                     await training.close()
@@ -88,6 +96,7 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.api_keys = api_keys
+    app.state.sleep = SleepCoordinator()  # one per inference server: shared by feedback steps and the proxy
     if keyed:
         _add_keyed_docs(app)
 
@@ -101,6 +110,17 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+async def _wake_if_asleep(inference: InferenceBackend) -> None:
+    """A server found asleep at start was left so by an API that stopped mid-step (or a `wake_after: false`):
+    nothing of ours is training yet, so wake it, or every chat would wait and then fail."""
+    try:
+        if await inference.health() and await inference.is_sleeping():
+            logger.warning("the inference server was asleep at start: waking it")
+            await inference.wake_up()
+    except ClaasError as exc:
+        logger.warning("could not check whether the inference server sleeps: %s", exc.message)
 
 
 def _add_keyed_docs(app: FastAPI) -> None:

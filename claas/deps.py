@@ -16,6 +16,7 @@ from claas.core.config import Settings
 from claas.errors import UnauthorizedError
 from claas.inference.cache import CompletionCache
 from claas.inference.proxy import InferenceProxy
+from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
@@ -71,8 +72,22 @@ AuthDep = Annotated[AuthScope, Depends(get_auth)]
 OptionalAuthDep = Annotated[AuthScope | None, Depends(get_optional_auth)]
 
 
-async def get_proxy(inference: InferenceDep, cache: CacheDep, engine: EngineDep, metrics: MetricsDep) -> InferenceProxy:
-    return InferenceProxy(inference, cache, engine, metrics)
+async def get_sleep(request: Request) -> SleepCoordinator:
+    return _state(request, "sleep")
+
+
+SleepDep = Annotated[SleepCoordinator, Depends(get_sleep)]
+
+
+async def get_proxy(
+    inference: InferenceDep,
+    cache: CacheDep,
+    engine: EngineDep,
+    metrics: MetricsDep,
+    sleep: SleepDep,
+    settings: SettingsDep,
+) -> InferenceProxy:
+    return InferenceProxy(inference, cache, engine, metrics, sleep=sleep, sleep_wait_s=settings.sleep_wait_timeout_s)
 
 
 ProxyDep = Annotated[InferenceProxy, Depends(get_proxy)]

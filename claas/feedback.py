@@ -40,6 +40,7 @@ from claas.inference.base import InferenceBackend
 from claas.inference.cache import CachedCompletion, CompletionCache
 from claas.inference.helpers import normalize_text, text_key
 from claas.inference.proxy import served_base_models
+from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
@@ -62,6 +63,7 @@ class FeedbackServices:
     cache: CompletionCache
     metrics: Metrics
     locks: "LoraLocks"
+    sleep: SleepCoordinator = field(default_factory=SleepCoordinator)
 
 
 class LoraLocks:
@@ -295,14 +297,22 @@ async def _locked_phases(
     save_mode: Literal["in_place", "version"],
 ) -> dict[str, Any]:
     inference, metrics = services.inference, services.metrics
-    must_sleep = services.engine.shares_inference_device and orchestration.sleep_before
-    succeeded = False
+    policy = services.settings.sleep_during_training
+    shares = policy == "always" or (policy == "auto" and services.engine.shares_inference_device)
+    must_sleep = shares and orchestration.sleep_before
+    registered = succeeded = False
     try:
         if must_sleep:
             with tx.timed("sleep", metrics):
-                await inference.wait_until_idle(DRAIN_TIMEOUT_S)
-                await inference.sleep(orchestration.sleep_level)
-                tx.slept = True
+                tx.slept = True  # before the call: a sleep that times out may still happen, and must be undone
+                try:
+                    await services.sleep.acquire(
+                        inference, level=orchestration.sleep_level, drain_timeout_s=DRAIN_TIMEOUT_S
+                    )
+                except BaseException:
+                    tx.woke = not services.sleep.sleeping  # the coordinator woke it again
+                    raise
+                registered = True
         with tx.timed("distill", metrics):
             batch = DistillBatch(lora_id=tx.lora_id, examples=examples, training=training, save_mode=save_mode)
             distilled = await services.engine.distill(batch)
@@ -312,15 +322,18 @@ async def _locked_phases(
         tx.timing_ms["distill"] = round(tx.timing_ms["distill"] - save_ms, 3)
         succeeded = True
     finally:
-        if tx.slept and (orchestration.wake_after if succeeded else orchestration.wake_on_failure):
+        if registered:
+            wake = orchestration.wake_after if succeeded else orchestration.wake_on_failure
             phase = tx.phase
             with tx.timed("wake", metrics):
-                await inference.wake_up()
-                tx.woke = True
+                # The last step that needs the device wakes the server; an earlier one leaves that to it.
+                tx.woke = await services.sleep.release(inference, wake=wake)
             if not succeeded:
                 tx.phase = phase  # report the phase that failed, not the wake that followed it
     if save_mode == "in_place":
         with tx.timed("reload", metrics):
+            if registered and orchestration.wake_after:  # adapters load on an awake server: wait for the last step
+                await services.sleep.wait_awake(services.settings.feedback_lock_timeout_s)
             ref = await services.engine.lora_runtime_ref(tx.lora_id)
             await inference.reload_lora_adapter(ref.name, ref.path)
     return distilled.model_dump()

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     completion_cache_size: int = Field(4096, ge=1, description="Completions kept for feedback lookup.")
     completion_cache_ttl_s: float = Field(3600.0, gt=0, description="Seconds a cached completion stays usable.")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    sleep_during_training: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Put the inference server to sleep during a step: auto = when the trainer shares its "
+        "accelerator (not on CPU), always, or never.",
+    )
+    sleep_wait_timeout_s: float = Field(
+        120.0, gt=0, description="How long an inference request waits for a server asleep for a step before 503."
+    )
     max_training_tokens: int = Field(
         4096,
         ge=16,

@@ -36,6 +36,7 @@ from claas.inference.replies import (
     shape_chunk,
     shape_reply,
 )
+from claas.inference.sleep import SleepCoordinator
 from claas.inference.wire import ChatCompletionRequest, CompletionRequest, ReplyOptions, ScoreRequest
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
@@ -65,11 +66,16 @@ class InferenceProxy:
         cache: CompletionCache,
         engine: TrainingEngine | None,
         metrics: Metrics | None = None,
+        *,
+        sleep: SleepCoordinator | None = None,
+        sleep_wait_s: float = 120.0,
     ) -> None:
         self.inference = inference
         self.cache = cache
         self.engine = engine
         self.metrics = metrics
+        self.sleep = sleep
+        self.sleep_wait_s = sleep_wait_s
 
     # --- routes' entry points ------------------------------------------------------------------------------------
 
@@ -87,6 +93,7 @@ class InferenceProxy:
         self, request: ChatCompletionRequest | CompletionRequest, scope: AuthScope, *, strip_thinking: bool, chat: bool
     ) -> JsonReply | StreamReply:
         await self._check_access(scope, request.model)
+        await self._wait_awake()
         payload = request.to_upstream_payload()
         want = request.reply_options(strip_thinking=strip_thinking)
         if request.stream:
@@ -110,6 +117,7 @@ class InferenceProxy:
         """Logprob of each token of `completion` after `messages` rendered with the chat template (generation
         prompt added), read from the server's `prompt_logprobs` of the concatenated token ids."""
         await self._check_access(scope, request.model)
+        await self._wait_awake()
 
         async def run() -> tuple[list[int], list[int], dict[str, Any]]:
             prompt_ids = await self.inference.tokenize_messages(
@@ -164,6 +172,11 @@ class InferenceProxy:
         if model in await served_base_models(self.inference):
             return
         scope.require(model, param="model")
+
+    async def _wait_awake(self) -> None:
+        """While a training step holds the server asleep, wait for its wake (bounded), instead of failing."""
+        if self.sleep is not None:
+            await self.sleep.wait_awake(self.sleep_wait_s)
 
     async def _retry_on_unknown_adapter(self, model: str | None, call: Callable[[], Awaitable[T]]) -> T:
         try:

@@ -82,6 +82,7 @@ def feedback_gateway(
         feedback_log_dir=root / "feedback",
         model_cache=trainer._cache_dir,
         feedback_lock_timeout_s=300.0,
+        sleep_during_training="always",  # exercise the sleep/wake path on CPU too (auto would not sleep here)
     )
     engine = RecordingEngine(settings, trainer)
     transport = RecordingTransport()

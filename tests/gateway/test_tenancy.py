@@ -44,3 +44,21 @@ def test_scoped_key_reaches_only_its_adapters_and_base_models(make_gateway, fake
         assert lora.status_code == 403
     chats = [r for r in fake_upstream.requests if r.url.path == "/v1/chat/completions"]
     assert len(chats) == 3  # the refused ones never reached the server
+
+
+@pytest.mark.parametrize(
+    "orchestration",
+    [{"wake_after": False}, {"sleep_level": 2}, {"wake_on_failure": False}, {"sleep_before": False}],
+)
+def test_orchestration_that_affects_every_tenant_is_admin_only(make_gateway, fake_upstream, make_engine,
+                                                                orchestration) -> None:
+    body = {"lora_id": "alice/a", "prompt": "hi", "response": "hello", "feedback": "shorter",
+            "orchestration": orchestration}
+    with make_gateway(fake_upstream, engine=make_engine(), api_keys="adm,ka:alice") as (client, _):
+        scoped = client.post("/v1/feedback", json=body, headers={"Authorization": "Bearer ka"})
+        defaults = client.post("/v1/feedback", json={**body, "orchestration": {"sleep_level": 1}},
+                               headers={"Authorization": "Bearer ka"})
+        admin = client.post("/v1/feedback", json=body, headers={"Authorization": "Bearer adm"})
+    (name,) = orchestration
+    assert scoped.status_code == 403 and scoped.json()["error"]["param"] == f"orchestration.{name}"
+    assert defaults.status_code == 404 and admin.status_code == 404  # past the check: the adapter does not exist

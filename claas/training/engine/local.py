@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from claas.core.config import Settings
+from claas.core.models import pick_device
 from claas.core.types import DistillBatch, DistillResult, LoraInfo, LoraInitRequest, LoraRuntimeRef
 from claas.training.engine.base import TrainingEngine
 from claas.training.engine.info import lora_info
@@ -24,8 +25,6 @@ T = TypeVar("T")
 
 class LocalEngine(TrainingEngine):
     kind = "local"
-    # Training runs on this machine's accelerator (or CPU cores), which the co-located inference server also uses.
-    shares_inference_device = True
 
     def __init__(self, settings: Settings, *, trainer: DistillationTrainer | None = None) -> None:
         # A trainer handed in (tests, benchmarks share one resident model) brings its own store.
@@ -44,6 +43,11 @@ class LocalEngine(TrainingEngine):
             remote_teacher=remote,
         )
         self._remote_teacher = remote
+        # Training on an accelerator shares it with the co-located inference server, which must then sleep; on
+        # CPU they share no accelerator memory, so the server keeps serving during a step.
+        loaded = self.trainer._loaded
+        device = loaded.device if loaded is not None else pick_device(self.trainer._device_preference)
+        self.shares_inference_device = device.type != "cpu"
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claas-train")
 
     async def _on_worker(self, fn: Callable[[], T]) -> T:
