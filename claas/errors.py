@@ -140,6 +140,27 @@ class PhaseFailedError(ClaasError):
         self.status_code = status_code
 
 
+class ServingStaleError(ClaasError):
+    """The update is saved (the adapter on disk has the new step) but the inference server still serves the previous
+    version: the reload failed after retries. 503 + Retry-After; a retry with the same Idempotency-Key only reloads,
+    a retry without one would train the step again."""
+
+    status_code = 503
+
+    def __init__(self, lora_id: str, step: int, cause: str, *, result: dict[str, Any] | None = None) -> None:
+        super().__init__(
+            f"the update of {lora_id!r} is saved (step {step}) but loading it on the inference server failed "
+            f"({cause}), so the server may serve the previous version until it is loaded; retry with the same "
+            "Idempotency-Key to reload without training again"
+        )
+        self.lora_id = lora_id
+        self.step = step
+        self.result = result
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
+
+
 def error_body(message: str, code: int, *, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": openai_error_type(code), "param": param, "code": code}}
 

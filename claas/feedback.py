@@ -33,6 +33,7 @@ from claas.errors import (
     NotFoundError,
     PayloadTooLargeError,
     PhaseFailedError,
+    ServingStaleError,
     UnprocessableError,
     as_claas_error,
 )
@@ -49,6 +50,8 @@ from claas.training.storage import LoraLockTimeoutError, LoraStoreError, validat
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 30.0
+RELOAD_ATTEMPTS = 3
+RELOAD_BACKOFF_S = 0.5
 
 
 class TrainingInputError(UnprocessableError):
@@ -272,7 +275,7 @@ async def run_feedback(
         raise _as_api_error(exc, tx.phase, tx.request_id) from exc
     finally:
         tx.timing_ms["total"] = round((time.perf_counter() - started) * 1000.0, 3)
-        status = "ok" if failure is None else "error"
+        status = "ok" if failure is None else "saved_not_served" if isinstance(failure, ServingStaleError) else "error"
         metrics.feedback_total.labels(status=status).inc()
         log_path = _write_log(services.settings.feedback_log_dir, tx, items, examples, result, failure)
     return {
@@ -334,9 +337,27 @@ async def _locked_phases(
         with tx.timed("reload", metrics):
             if registered and orchestration.wake_after:  # adapters load on an awake server: wait for the last step
                 await services.sleep.wait_awake(services.settings.feedback_lock_timeout_s)
-            ref = await services.engine.lora_runtime_ref(tx.lora_id)
-            await inference.reload_lora_adapter(ref.name, ref.path)
+            try:
+                await reload_served_adapter(services, tx.lora_id)
+            except ClaasError as exc:
+                raise ServingStaleError(tx.lora_id, distilled.step, exc.message, result=distilled.model_dump()) from exc
     return distilled.model_dump()
+
+
+async def reload_served_adapter(services: FeedbackServices, lora_id: str) -> None:
+    """Swap the adapter on the inference server, retried with backoff: the step is saved already, so a transient
+    failure here must not become a failed feedback that the client then trains again."""
+    for attempt in range(RELOAD_ATTEMPTS):
+        try:
+            ref = await services.engine.lora_runtime_ref(lora_id)
+            await services.inference.reload_lora_adapter(ref.name, ref.path)
+            return
+        except ClaasError as exc:
+            if attempt == RELOAD_ATTEMPTS - 1:
+                raise
+            logger.warning("reloading %s on the inference server failed (attempt %d): %s", lora_id, attempt + 1,
+                           exc.message)
+            await asyncio.sleep(RELOAD_BACKOFF_S * 2**attempt)
 
 
 def _as_api_error(exc: BaseException, phase: str, request_id: str) -> BaseException:
@@ -415,7 +436,8 @@ def _write_log(
         "request_id": tx.request_id,
         "timestamp": now.isoformat(),
         "lora_id": tx.lora_id,
-        "status": "ok" if failure is None else "error",
+        "status": "ok" if failure is None else "saved_not_served" if isinstance(failure, ServingStaleError)
+        else "error",
         "error": None
         if failure is None
         else {"phase": tx.phase, "message": str(failure), "type": type(failure).__name__},

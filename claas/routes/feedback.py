@@ -1,16 +1,23 @@
-"""`POST /v1/feedback` (in-place update) and `POST /v1/distill` (new versioned checkpoint)."""
+"""`POST /v1/feedback` (in-place update) and `POST /v1/distill` (new versioned checkpoint).
+
+Both take an optional `Idempotency-Key` header: a retry with the same key returns the first outcome (claas.idempotency).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from claas.auth import AuthScope
 from claas.core.types import DistillRequest, FeedbackRequest, OrchestrationConfig
 from claas.deps import AuthDep, CacheDep, EngineDep, InferenceDep, MetricsDep, SettingsDep
 from claas.errors import ForbiddenError
-from claas.feedback import FeedbackServices, LoraLocks, run_feedback
+from claas.feedback import FeedbackServices, LoraLocks, reload_served_adapter, run_feedback
+from claas.idempotency import HEADER as IDEMPOTENCY_HEADER
+from claas.idempotency import IdempotencyStore
 from claas.inference.sleep import SleepCoordinator
 
 router = APIRouter(tags=["feedback"])
@@ -35,12 +42,36 @@ def feedback_services(
 ServicesDep = Annotated[FeedbackServices, Depends(feedback_services)]
 
 
-@router.post("/v1/feedback")
-async def feedback(body: FeedbackRequest, services: ServicesDep, auth: AuthDep) -> dict[str, Any]:
+@router.post("/v1/feedback", response_model=None)
+async def feedback(
+    body: FeedbackRequest, services: ServicesDep, auth: AuthDep, request: Request
+) -> dict[str, Any] | JSONResponse:
     items = body.items()
     auth.require(items[0].lora_id)
     _require_admin_for_orchestration(body.orchestration, auth)
-    return await run_feedback(services, items, body.orchestration, scope=auth)
+    return await _once(request, services, auth, body, lambda: run_feedback(services, items, body.orchestration,
+                                                                         scope=auth))
+
+
+async def _once(
+    request: Request,
+    services: FeedbackServices,
+    auth: AuthScope,
+    body: FeedbackRequest | DistillRequest,
+    run: Callable[[], Awaitable[dict[str, Any]]],
+) -> dict[str, Any] | JSONResponse:
+    """Run the transaction, or with an Idempotency-Key, return the first outcome of that key."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return await run()
+    state = request.app.state
+    if getattr(state, "idempotency", None) is None:
+        state.idempotency = IdempotencyStore(services.settings.feedback_log_dir / ".idempotency")
+    fingerprint = f"{request.url.path}\0{body.model_dump_json()}"
+    status, payload, headers = await state.idempotency.run(
+        key, auth.prefix, fingerprint, run, lambda lora_id: reload_served_adapter(services, lora_id)
+    )
+    return JSONResponse(payload, status_code=status, headers=headers)
 
 
 def _require_admin_for_orchestration(orchestration: OrchestrationConfig, auth: AuthScope) -> None:
@@ -57,7 +88,10 @@ def _require_admin_for_orchestration(orchestration: OrchestrationConfig, auth: A
             )
 
 
-@router.post("/v1/distill")
-async def distill(body: DistillRequest, services: ServicesDep, auth: AuthDep) -> dict[str, Any]:
+@router.post("/v1/distill", response_model=None)
+async def distill(
+    body: DistillRequest, services: ServicesDep, auth: AuthDep, request: Request
+) -> dict[str, Any] | JSONResponse:
     auth.require(body.lora_id)
-    return await run_feedback(services, [body], OrchestrationConfig(), save_mode="version", scope=auth)
+    return await _once(request, services, auth, body, lambda: run_feedback(
+        services, [body], OrchestrationConfig(), save_mode="version", scope=auth))

@@ -172,3 +172,65 @@ def test_oversized_feedback_is_413_naming_the_limit_before_any_sleep(
     assert no_sleep_or_step(gw, calls, batches)
     monkeypatch.undo()
     assert feedback(gw, lora_id, "I am SmolLM.").status_code == 200  # a normal one still trains
+
+
+def test_idempotency_key_replays_the_first_outcome(feedback_gateway: Any) -> None:
+    gw = feedback_gateway
+    lora_id = new_lora(gw)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = HTTP.post(f"{gw.v1}/feedback", headers=key, json={"lora_id": lora_id, "prompt": QUESTION,
+                                                               "response": "I am SmolLM.", "feedback": FEEDBACK})
+    again = HTTP.post(f"{gw.v1}/feedback", headers=key, json={"lora_id": lora_id, "prompt": QUESTION,
+                                                               "response": "I am SmolLM.", "feedback": FEEDBACK})
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.json()["request_id"] == first.json()["request_id"] and again.headers["idempotent-replayed"] == "true"
+    assert gw.engine.store.read_metadata(lora_id).step == 1
+    other = HTTP.post(f"{gw.v1}/feedback", headers=key, json={"lora_id": lora_id, "prompt": QUESTION,
+                                                               "response": "Something else.", "feedback": FEEDBACK})
+    assert other.status_code == 422 and other.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_a_transient_reload_failure_is_retried(feedback_gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    gw = feedback_gateway
+    lora_id = new_lora(gw)
+    client = _client(gw)
+    real_load = client.load_lora_adapter
+    failures = [UpstreamError(500, "busy")]
+
+    async def flaky(name: str, path: str) -> None:
+        if failures:
+            raise failures.pop()
+        await real_load(name, path)
+
+    monkeypatch.setattr(client, "load_lora_adapter", flaky)
+    reply = feedback(gw, lora_id, "I am SmolLM.")
+    assert reply.status_code == 200, reply.text
+    assert not failures and gw.engine.store.read_metadata(lora_id).step == 1
+
+
+def test_saved_but_not_served_says_so_and_a_keyed_retry_only_reloads(
+    feedback_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = feedback_gateway
+    lora_id = new_lora(gw)
+    client = _client(gw)
+
+    async def refuse(name: str, path: str) -> None:
+        raise UpstreamError(500, "the server cannot load adapters right now")
+
+    monkeypatch.setattr(client, "load_lora_adapter", refuse)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    body = {"lora_id": lora_id, "prompt": QUESTION, "response": "I am SmolLM.", "feedback": FEEDBACK}
+    stale = HTTP.post(f"{gw.v1}/feedback", headers=key, json=body)
+    assert stale.status_code == 503 and "retry-after" in stale.headers, stale.text
+    assert "is saved (step 1)" in stale.json()["error"]["message"]
+    assert gw.engine.store.read_metadata(lora_id).step == 1
+    again = HTTP.post(f"{gw.v1}/feedback", headers=key, json=body)  # still refused: the same answer, no new step
+    assert again.status_code == 503 and gw.engine.store.read_metadata(lora_id).step == 1
+    monkeypatch.undo()
+    fixed = HTTP.post(f"{gw.v1}/feedback", headers=key, json=body)
+    assert fixed.status_code == 200, fixed.text
+    assert fixed.json()["reloaded"] is True and fixed.json()["distill_result"]["step"] == 1
+    assert gw.engine.store.read_metadata(lora_id).step == 1  # the old code trained a second step on each retry
+    loaded = {card["id"] for card in HTTP.get(f"{gw.model_server_url}/v1/models").json()["data"]}
+    assert lora_id in loaded
