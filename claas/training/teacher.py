@@ -11,6 +11,8 @@ Not here: the loss, optimizer, storage.
 from __future__ import annotations
 
 import copy
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,8 @@ import httpx
 import torch
 
 from claas.core.chat import message_text
+
+logger = logging.getLogger(__name__)
 
 HINDSIGHT_OPENING = "\n\n--- Later message from the user about your earlier answer to this request ---\n"
 HINDSIGHT_CLOSING = "\n--- End of the later message. Answer the original request again with it in mind. ---"
@@ -45,6 +49,15 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]
     return list(encoded["input_ids"])
 
 
+_LOGPROBS_LIMIT = re.compile(r"greater than max allowed: (\d+)")
+
+
+def _logprobs_limit(message: str) -> int | None:
+    """The limit in vLLM's refusal "Requested prompt logprobs of 100, which is greater than max allowed: 20"."""
+    match = _LOGPROBS_LIMIT.search(message)
+    return int(match.group(1)) if match else None
+
+
 @dataclass
 class TopKTeacherScores:
     logprobs: torch.Tensor  # [T, K]
@@ -59,6 +72,7 @@ class RemoteTeacher:
         self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.model = model
         self._tokenizer_checked = False
+        self.max_top_k: int | None = None  # the server's --max-logprobs, learnt from its first refusal
 
     def close(self) -> None:
         self._client.close()
@@ -76,6 +90,10 @@ class RemoteTeacher:
         self._tokenizer_checked = True
 
     def score(self, prompt_ids: list[int], response_ids: list[int], top_k: int) -> TopKTeacherScores:
+        """The teacher's top-K logprobs at each response position: [T, K] with K = `top_k`, or fewer when the
+        server returns at most that many (vLLM's --max-logprobs, 20 by default); the teacher_topk loss takes any K."""
+        if self.max_top_k is not None:
+            top_k = min(top_k, self.max_top_k)
         body = {
             "model": self.model,
             "prompt": prompt_ids + response_ids,
@@ -83,7 +101,15 @@ class RemoteTeacher:
             "prompt_logprobs": top_k,
             "temperature": 0.0,
         }
-        reply = self._post("/v1/completions", body)
+        try:
+            reply = self._post("/v1/completions", body)
+        except TeacherError as exc:
+            limit = _logprobs_limit(str(exc))
+            if limit is None or limit >= top_k or limit < 1:
+                raise
+            logger.info("remote teacher %s returns at most %d logprobs: using top-%d", self.model, limit, limit)
+            self.max_top_k = limit
+            return self.score(prompt_ids, response_ids, limit)
         positions = reply["choices"][0].get("prompt_logprobs")
         if not positions or len(positions) != len(prompt_ids) + len(response_ids):
             raise TeacherError("remote teacher returned no prompt_logprobs for every prompt position")
