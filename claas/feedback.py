@@ -45,7 +45,7 @@ from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
-from claas.training.storage import LoraLockTimeoutError, LoraStoreError, validate_lora_id
+from claas.training.storage import LATEST, LoraLockTimeoutError, LoraStoreError, validate_lora_id
 
 logger = logging.getLogger(__name__)
 
@@ -333,14 +333,17 @@ async def _locked_phases(
                 tx.woke = await services.sleep.release(inference, wake=wake)
             if not succeeded:
                 tx.phase = phase  # report the phase that failed, not the wake that followed it
-    if save_mode == "in_place":
-        with tx.timed("reload", metrics):
-            if registered and orchestration.wake_after:  # adapters load on an awake server: wait for the last step
-                await services.sleep.wait_awake(services.settings.feedback_lock_timeout_s)
+    with tx.timed("reload", metrics):
+        if registered and orchestration.wake_after:  # adapters load on an awake server: wait for the last step
+            await services.sleep.wait_awake(services.settings.feedback_lock_timeout_s)
+        # In place: the adapter itself. A new version: `x@latest` now names it, so a server that has the alias
+        # loaded must load it again (a version not loaded yet is loaded by the proxy on first use).
+        served = tx.lora_id if save_mode == "in_place" else f"{tx.lora_id}@{LATEST}"
+        if save_mode == "in_place" or served in {str(card.get("id")) for card in await inference.models()}:
             try:
-                await reload_served_adapter(services, tx.lora_id)
+                await reload_served_adapter(services, served)
             except ClaasError as exc:
-                raise ServingStaleError(tx.lora_id, distilled.step, exc.message, result=distilled.model_dump()) from exc
+                raise ServingStaleError(served, distilled.step, exc.message, result=distilled.model_dump()) from exc
     return distilled.model_dump()
 
 

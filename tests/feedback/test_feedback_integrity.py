@@ -234,3 +234,24 @@ def test_saved_but_not_served_says_so_and_a_keyed_retry_only_reloads(
     assert gw.engine.store.read_metadata(lora_id).step == 1  # the old code trained a second step on each retry
     loaded = {card["id"] for card in HTTP.get(f"{gw.model_server_url}/v1/models").json()["data"]}
     assert lora_id in loaded
+
+
+def test_distill_reloads_a_served_latest_alias(feedback_gateway: Any) -> None:
+    gw = feedback_gateway
+    lora_id = new_lora(gw)
+    body = {"lora_id": lora_id, "prompt": QUESTION, "response": "I am SmolLM.", "feedback": FEEDBACK,
+            "training": {"learning_rate": 1e-2}}
+
+    def score(model: str) -> float:
+        reply = HTTP.post(f"{gw.v1}/score", json={"model": model, "completion": "I am Kuro.",
+                                                   "messages": [{"role": "user", "content": QUESTION}]})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["sum_logprob"]
+
+    first = HTTP.post(f"{gw.v1}/distill", json=body).json()["distill_result"]["lora_id"]
+    assert score(f"{lora_id}@latest") == pytest.approx(score(first), abs=1e-5)  # the alias is loaded now
+    second = HTTP.post(f"{gw.v1}/distill", json={**body, "response": "My name is SmolLM."}).json()
+    second_id = second["distill_result"]["lora_id"]
+    assert second_id != first
+    assert score(f"{lora_id}@latest") == pytest.approx(score(second_id), abs=1e-5)  # the old code kept `first`
+    assert score(second_id) != pytest.approx(score(first), abs=1e-4)
