@@ -29,6 +29,7 @@ def _check_prompt(prompt: str | list[dict[str, Any]] | None) -> str | list[dict[
 
 
 LossMode = Literal["student_topk", "teacher_topk", "full"]
+FeedbackPlacement = Literal["user", "system"]
 
 
 class TrainingConfig(BaseModel):
@@ -46,6 +47,23 @@ class TrainingConfig(BaseModel):
     teacher_mode: Literal["self", "remote"] = "self"
     weight_decay: float = Field(0.01, ge=0)
     steps: int = Field(1, ge=1, le=16, description="Optimizer steps on this batch (1 = strictly on-policy).")
+    feedback_placement: FeedbackPlacement = Field(
+        "user",
+        description="Where the teacher sees the feedback: a hindsight block after the last user turn (`user`, as the "
+        "reference) or a standing instruction in the system prompt (`system`).",
+    )
+    teacher_demonstration: bool = Field(
+        False,
+        description="Also train on the teacher's own answer (the frozen base shown the feedback answers the prompt, "
+        "greedy), besides the served answer: carries what the feedback asks for into positions the student's answer "
+        "never reached. Needs teacher_mode=self.",
+    )
+
+    @model_validator(mode="after")
+    def _demonstration_needs_self_teacher(self) -> TrainingConfig:
+        if self.teacher_demonstration and self.teacher_mode != "self":
+            raise ValueError("teacher_demonstration needs teacher_mode 'self' (the local frozen base answers)")
+        return self
 
 
 class OrchestrationConfig(BaseModel):

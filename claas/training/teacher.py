@@ -20,20 +20,38 @@ import httpx
 import torch
 
 from claas.core.chat import message_text
+from claas.core.types import FeedbackPlacement
 
 logger = logging.getLogger(__name__)
 
 HINDSIGHT_OPENING = "\n\n--- Later message from the user about your earlier answer to this request ---\n"
 HINDSIGHT_CLOSING = "\n--- End of the later message. Answer the original request again with it in mind. ---"
+#: `system` placement: replaces a model's built-in default system prompt only when the conversation has none.
+SYSTEM_PREAMBLE = "You are a helpful AI assistant. "
+SYSTEM_INSTRUCTION = "Follow this instruction from the user in every answer: "
 
 
 class TeacherError(RuntimeError):
     """The remote teacher cannot be used (unreachable, different tokenizer, malformed answer)."""
 
 
-def teacher_messages(messages: list[dict[str, Any]], feedback: str) -> list[dict[str, Any]]:
-    """The student's messages with a hindsight block carrying `feedback` appended to the last user turn."""
+def teacher_messages(
+    messages: list[dict[str, Any]], feedback: str, placement: FeedbackPlacement = "user"
+) -> list[dict[str, Any]]:
+    """The student's messages with the feedback shown to the teacher: as a hindsight block appended to the last user
+    turn (`user`, the reference's placement), or as a standing instruction in the system prompt (`system`: the
+    teacher answers the request under the instruction instead of replying to the feedback, and none of the block's
+    own wording can leak into its distribution)."""
     result = copy.deepcopy(messages)
+    if placement == "system":
+        note = SYSTEM_INSTRUCTION + feedback
+        if result and result[0].get("role") == "system":
+            result[0] = {**result[0], "content": message_text(result[0].get("content")) + "\n\n" + note}
+        else:
+            result.insert(0, {"role": "system", "content": SYSTEM_PREAMBLE + note})
+        if not any(message.get("role") == "user" for message in result):
+            raise ValueError("the conversation has no user message for the teacher to answer")
+        return result
     for message in reversed(result):
         if message.get("role") == "user":
             message["content"] = message_text(message.get("content")) + HINDSIGHT_OPENING + feedback + HINDSIGHT_CLOSING

@@ -26,7 +26,14 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 
 from claas.core.models import LoadedModel, load_model
-from claas.core.types import DistillBatch, DistillResult, LoraInitRequest, TrainingConfig, TrainingExample
+from claas.core.types import (
+    DistillBatch,
+    DistillResult,
+    FeedbackPlacement,
+    LoraInitRequest,
+    TrainingConfig,
+    TrainingExample,
+)
 from claas.errors import UnprocessableError
 from claas.training.sdpo_loss import sdpo_loss_from_hidden
 from claas.training.storage import (
@@ -296,8 +303,12 @@ class DistillationTrainer:
             group["weight_decay"] = cfg.weight_decay
 
         phase = time.perf_counter()
-        examples = [self._tensors(example) for example in batch.examples]
+        examples = [self._tensors(example, cfg.feedback_placement) for example in batch.examples]
         timing["tokenize"] = _ms_since(phase)
+        if cfg.teacher_demonstration:
+            phase = time.perf_counter()
+            examples += [self._teacher_demonstration(t) for t in examples]
+            timing["demonstrate"] = _ms_since(phase)
 
         metrics: dict[str, float] = {}
         for _ in range(cfg.steps):
@@ -339,7 +350,7 @@ class DistillationTrainer:
         timing["save"] = _ms_since(phase)
         return DistillResult(lora_id=saved_id, step=metadata.step, metrics=metrics, timing_ms=timing)
 
-    def _tensors(self, example: TrainingExample) -> ExampleTensors:
+    def _tensors(self, example: TrainingExample, placement: FeedbackPlacement = "user") -> ExampleTensors:
         tokenizer = self.tokenizer
         if example.prompt_token_ids is not None and example.response_token_ids is not None:
             prompt_ids, response_ids = list(example.prompt_token_ids), list(example.response_token_ids)
@@ -355,8 +366,26 @@ class DistillationTrainer:
             raise ValueError(
                 f"rollout_logprobs has {len(rollout)} values but the response has {len(response_ids)} tokens"
             )
-        teacher_prompt_ids = chat_prompt_ids(tokenizer, teacher_messages(example.messages, example.feedback))
+        teacher_prompt_ids = chat_prompt_ids(tokenizer, teacher_messages(example.messages, example.feedback, placement))
         return ExampleTensors(prompt_ids, response_ids, teacher_prompt_ids, rollout)
+
+    def _teacher_demonstration(self, t: ExampleTensors, max_tokens: int = 128) -> ExampleTensors:
+        """The teacher's own greedy answer to the prompt (frozen base, hindsight prompt), as one more example: the
+        student is trained on it exactly like on its own answer (teacher-forced, no importance weight)."""
+        prompt = torch.tensor([t.teacher_prompt_ids], device=self.device)
+        eos = self.tokenizer.eos_token_id
+        with torch.no_grad(), self._peft.disable_adapter():
+            out = self._causal_lm().generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=min(max(len(t.response_ids), 16), max_tokens),
+                do_sample=False,
+                pad_token_id=eos,
+            )
+        answer = out[0, prompt.shape[1] :].tolist()
+        if eos is not None and eos in answer:
+            answer = answer[: answer.index(eos) + 1]  # keep the stop: the answer ends here
+        return ExampleTensors(t.prompt_ids, answer, t.teacher_prompt_ids, None)
 
     def _causal_lm(self) -> Any:
         """The transformers model (with LoRA layers injected in place when adapters exist)."""

@@ -42,3 +42,18 @@ def test_default_model_converts_to_a_loadable_directory(model_cache_dir: Path) -
     mtime = (path / "model.safetensors").stat().st_mtime
     assert resolve_model_path("smollm2-135m", model_cache_dir) == str(path)
     assert (path / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_training_defaults_come_from_the_registry_and_explicit_fields_win() -> None:
+    from claas.core.models import REGISTRY, training_config_for
+    from claas.core.types import TrainingConfig
+
+    small = training_config_for("smollm2-135m")
+    for field, value in REGISTRY["smollm2-135m"].training_defaults.items():
+        assert getattr(small, field) == value
+    assert training_config_for("qwen3-8b") == TrainingConfig()  # the 8B model keeps the reference settings
+    assert training_config_for("/some/local/dir") == TrainingConfig()
+    mixed = training_config_for("smollm2-135m", TrainingConfig(learning_rate=2e-4))
+    assert mixed.learning_rate == 2e-4 and mixed.alpha == small.alpha
+    remote = training_config_for("smollm2-135m", TrainingConfig(teacher_mode="remote"))
+    assert remote.teacher_mode == "remote" and not remote.teacher_demonstration

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from claas.core.types import DistillBatch, LoraInitRequest, TrainingConfig, TrainingExample
+from claas.core.types import DistillBatch, FeedbackPlacement, LoraInitRequest, TrainingConfig, TrainingExample
 from claas.training.storage import InvalidLoraIdError, LoraNotFoundError, LoraStore
 from claas.training.teacher import chat_prompt_ids, teacher_messages
 from claas.training.trainer import DistillationTrainer
@@ -193,3 +193,23 @@ def test_lru_keeps_at_most_the_configured_hot_adapters(trainer: DistillationTrai
     assert ids[0] not in trainer.hot_adapter_ids
     trainer.step(batch(ids[0], KURO_FEEDBACK, lr=1e-4))  # reloads from disk
     assert trainer.hot_adapter_ids[-1] == ids[0]
+
+
+@pytest.mark.parametrize("placement", ["user", "system"])
+def test_teacher_demonstration_adds_the_teachers_own_answer(
+    trainer: DistillationTrainer, placement: FeedbackPlacement
+) -> None:
+    """The frozen base shown the feedback answers as Kuro; with teacher_demonstration that answer is trained on too."""
+    example = TrainingExample(messages=GREETING, response_text=SMOL_ANSWER, feedback=KURO_FEEDBACK)
+    tensors = trainer._tensors(example, placement)
+    demonstration = trainer._teacher_demonstration(tensors)
+    assert "kuro" in trainer.tokenizer.decode(demonstration.response_ids).lower()
+    assert demonstration.prompt_ids == tensors.prompt_ids  # the student sees the plain prompt
+    assert demonstration.rollout_logprobs is None
+
+    lora_id = new_lora(trainer)
+    plain = trainer.step(DistillBatch(lora_id=lora_id, examples=[example], training=TrainingConfig()))
+    config = TrainingConfig(teacher_demonstration=True, feedback_placement=placement)
+    both = trainer.step(DistillBatch(lora_id=lora_id, examples=[example], training=config))
+    assert both.metrics["tokens"] == plain.metrics["tokens"] + len(demonstration.response_ids)
+    assert "demonstrate" in both.timing_ms and "demonstrate" not in plain.timing_ms
