@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from claas.training.storage import InvalidLoraIdError, LoraExistsError, LoraLockTimeoutError, LoraNotFoundError
+from claas.core.lora_ids import InvalidLoraIdError
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,10 @@ async def _unhandled_error_handler(request: Request, exc: Exception) -> JSONResp
 
 
 def _storage_error_map() -> dict[type[Exception], tuple[type[ClaasError], str | None]]:
-    """The adapter store's exceptions and the ClaasError each one becomes."""
+    """The adapter store's exceptions and the ClaasError each one becomes. Imported here, not at module level, so
+    that the serving side (proxy, routes) does not load the training store by importing this module."""
+    from claas.training.storage import LoraExistsError, LoraLockTimeoutError, LoraNotFoundError
+
     return {
         LoraNotFoundError: (NotFoundError, "lora_id"),
         InvalidLoraIdError: (UnprocessableError, "lora_id"),

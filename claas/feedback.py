@@ -25,6 +25,7 @@ from typing import Any, AsyncGenerator, Literal
 from claas.auth import OPEN_SCOPE, AuthScope
 from claas.core.chat import last_user_text, message_text
 from claas.core.config import Settings
+from claas.core.lora_ids import LATEST, InvalidLoraIdError, validate_lora_id
 from claas.core.models import training_config_for
 from claas.core.types import DistillBatch, FeedbackItem, OrchestrationConfig, TrainingConfig, TrainingExample
 from claas.errors import (
@@ -45,7 +46,7 @@ from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
-from claas.training.storage import LATEST, LoraLockTimeoutError, LoraStoreError, validate_lora_id
+from claas.training.storage import LoraLockTimeoutError, LoraStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ async def _usable(entry: CachedCompletion, lora_id: str, scope: AuthScope, engin
         return False
     try:
         return not await engine.lora_exists(entry.model)
-    except LoraStoreError:  # not even a lora id: a base model name
+    except InvalidLoraIdError:  # not even a lora id: a base model name
         return True
 
 
@@ -223,7 +224,7 @@ class Transaction:
     slept: bool = False
     woke: bool = False
     phase: str = "resolve"
-    token_counts: list[dict[str, int]] = field(default_factory=list)  # per example: prompt, response, feedback
+    token_counts: list[dict[str, int | None]] = field(default_factory=list)  # per example: prompt, response, feedback
 
     @contextlib.contextmanager
     def timed(self, phase: str, metrics: Metrics) -> Any:
@@ -382,27 +383,53 @@ async def _context_length(inference: InferenceBackend) -> int | None:
     return min(known) if known else None
 
 
-async def _check_lengths(services: FeedbackServices, examples: list[TrainingExample]) -> list[dict[str, int]]:
+#: Tokens a chat template adds around the text (role headers, a default system prompt) and per message.
+TEMPLATE_ALLOWANCE_TOKENS = 64
+PER_MESSAGE_TOKENS = 16
+
+
+def _token_upper_bound(example: TrainingExample) -> int:
+    """More tokens than the example can have: byte-level BPE tokens are at least one UTF-8 byte each (exact ids
+    count as they are), plus the template's allowance."""
+    if example.prompt_token_ids is not None and example.response_token_ids is not None:
+        known = len(example.prompt_token_ids) + len(example.response_token_ids)
+    else:
+        texts = [message_text(m.get("content")) for m in example.messages] + [example.response_text]
+        known = sum(len(text.encode()) for text in texts) + PER_MESSAGE_TOKENS * (len(example.messages) + 1)
+    return known + len(example.feedback.encode()) + TEMPLATE_ALLOWANCE_TOKENS
+
+
+async def _check_lengths(services: FeedbackServices, examples: list[TrainingExample]) -> list[dict[str, int | None]]:
     """Token counts of each example (the exact served ones when cached, else the server's tokenizer), refused with
     413 when prompt + feedback + response exceed CLAAS_MAX_TRAINING_TOKENS or the model's context. Runs before the
-    lock and the sleep, so an oversized feedback costs no step and keeps no one waiting."""
+    lock and the sleep, so an oversized feedback costs no step and keeps no one waiting. An example whose byte
+    length already proves it short is not sent to the tokenizer (counts it does not know stay None)."""
     inference = services.inference
     limit, source = services.settings.max_training_tokens, "CLAAS_MAX_TRAINING_TOKENS"
     context = await _context_length(inference)
     if context is not None and context < limit:
         limit, source = context, "the model's context length"
-    counts: list[dict[str, int]] = []
+    counts: list[dict[str, int | None]] = []
     for index, example in enumerate(examples):
+        if _token_upper_bound(example) <= limit:
+            exact = example.prompt_token_ids is not None and example.response_token_ids is not None
+            counts.append({
+                "prompt": len(example.prompt_token_ids or ()) if exact else None,
+                "response": len(example.response_token_ids or ()) if exact else None,
+                "feedback": None,
+            })
+            continue
         if example.prompt_token_ids is not None and example.response_token_ids is not None:
             prompt, response = len(example.prompt_token_ids), len(example.response_token_ids)
         else:
             prompt = len(await inference.tokenize_messages(example.messages, add_generation_prompt=True))
             response = len(await inference.tokenize_text(example.response_text))
         feedback = len(await inference.tokenize_text(example.feedback))
-        count = {"prompt": prompt, "response": response, "feedback": feedback}
+        count: dict[str, int | None] = {"prompt": prompt, "response": response, "feedback": feedback}
         total = prompt + response + feedback
         if total > limit:
-            field_name = max(count, key=lambda k: count[k])
+            parts = (("prompt", prompt), ("response", response), ("feedback", feedback))
+            field_name = max(parts, key=lambda part: part[1])[0]
             where = f"requests.{index}." if len(examples) > 1 else ""
             raise PayloadTooLargeError(
                 f"the feedback is {total} tokens (prompt {prompt} + response {response} + feedback {feedback}); "
@@ -413,7 +440,7 @@ async def _check_lengths(services: FeedbackServices, examples: list[TrainingExam
     return counts
 
 
-def _trained_on(example: TrainingExample, counts: dict[str, int] | None) -> dict[str, Any]:
+def _trained_on(example: TrainingExample, counts: dict[str, int | None] | None) -> dict[str, Any]:
     """What the step trained on, for the log: where the tokens came from and how many."""
     counts = counts or {}
     return {

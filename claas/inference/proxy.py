@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from claas.auth import AuthScope
+from claas.core.lora_ids import InvalidLoraIdError
 from claas.errors import ClaasError, InvalidRequestError, NotFoundError
 from claas.inference.base import InferenceBackend
 from claas.inference.cache import CachedCompletion, CompletionCache
@@ -40,7 +41,6 @@ from claas.inference.sleep import SleepCoordinator
 from claas.inference.wire import ChatCompletionRequest, CompletionRequest, ReplyOptions, ScoreRequest
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
-from claas.training.storage import InvalidLoraIdError
 
 logger = logging.getLogger(__name__)
 

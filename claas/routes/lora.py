@@ -7,12 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Response
 
+from claas.core.lora_ids import LATEST, split_version, validate_lora_id
 from claas.core.types import LoraInfo, LoraInitRequest
 from claas.deps import AuthDep, EngineDep, InferenceDep
 from claas.errors import UnprocessableError
 from claas.inference.proxy import served_base_models
 from claas.inference.vllm import VllmClient
-from claas.training.storage import LATEST, split_version, validate_lora_id
 
 logger = logging.getLogger(__name__)
 
