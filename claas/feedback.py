@@ -248,6 +248,7 @@ async def run_feedback(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     lora_id = validate_lora_id(items[0].lora_id)
+    _check_one_training(items)
     tx = Transaction(request_id=uuid.uuid4().hex, lora_id=lora_id)
     training = training_config_for(services.settings.base_model, items[0].training)
     metrics = services.metrics
@@ -362,6 +363,19 @@ async def reload_served_adapter(services: FeedbackServices, lora_id: str) -> Non
             logger.warning("reloading %s on the inference server failed (attempt %d): %s", lora_id, attempt + 1,
                            exc.message)
             await asyncio.sleep(RELOAD_BACKOFF_S * 2**attempt)
+
+
+def _check_one_training(items: list[FeedbackItem]) -> None:
+    """A batch is one optimizer step, so it has one `training` config: items that disagree are refused instead of
+    silently training with the first item's."""
+    first = items[0].training
+    for index, item in enumerate(items[1:], start=1):
+        if item.training != first:
+            raise UnprocessableError(
+                f"requests.{index}.training differs from requests.0.training; a batch is one step with one "
+                "training config (send the same one on every item, or separate requests)",
+                param=f"requests.{index}.training",
+            )
 
 
 def _as_api_error(exc: BaseException, phase: str, request_id: str) -> BaseException:

@@ -70,3 +70,11 @@ def test_every_error_type_is_openais(make_gateway, fake_upstream, make_engine) -
     assert forbidden.json()["error"]["type"] == "permission_error"
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
     assert no_route.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_batch_has_one_training_config(make_gateway, fake_upstream, make_engine) -> None:
+    items = [{**FEEDBACK, "training": {"learning_rate": 1e-4}}, {**FEEDBACK, "training": {"learning_rate": 1e-2}}]
+    with make_gateway(fake_upstream, engine=make_engine({"alice/a": "/p"})) as (client, _):
+        reply = client.post("/v1/feedback", json={"requests": items})
+    assert _error(reply, 422)["param"] == "requests.1.training"
+    assert fake_upstream.requests == []
