@@ -96,15 +96,23 @@ class LoraLocks:
             remaining = max(0.0, timeout_s - (time.monotonic() - started))
             file_lock = store.lock(lora_id, remaining)
             try:
-                await asyncio.to_thread(file_lock.__enter__)
+                hold = await asyncio.to_thread(file_lock.__enter__)
             except LoraLockTimeoutError:
                 raise ConflictError(f"adapter {lora_id!r} is being updated by another CLaaS process") from None
             try:
-                yield
+                with hold.authorize():  # this request's writes (on the engine's worker) skip the held lock; others wait
+                    yield
             finally:
                 await asyncio.to_thread(file_lock.__exit__, None, None, None)
         finally:
             lock.release()
+
+
+def lora_locks(state: Any) -> LoraLocks:
+    """The app's one LoraLocks (on `app.state`), shared by feedback, distill, init and delete."""
+    if getattr(state, "lora_locks", None) is None:
+        state.lora_locks = LoraLocks()
+    return state.lora_locks
 
 
 def _item_messages(item: FeedbackItem) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from claas.auth import AuthScope
 from claas.core.types import DistillRequest, FeedbackRequest, OrchestrationConfig
 from claas.deps import AuthDep, CacheDep, EngineDep, InferenceDep, MetricsDep, SettingsDep
 from claas.errors import ForbiddenError
-from claas.feedback import FeedbackServices, LoraLocks, reload_served_adapter, run_feedback
+from claas.feedback import FeedbackServices, lora_locks, reload_served_adapter, run_feedback
 from claas.idempotency import HEADER as IDEMPOTENCY_HEADER
 from claas.idempotency import IdempotencyStore
 from claas.inference.sleep import SleepCoordinator
@@ -32,11 +32,9 @@ def feedback_services(
     metrics: MetricsDep,
 ) -> FeedbackServices:
     state = request.app.state
-    if getattr(state, "lora_locks", None) is None:
-        state.lora_locks = LoraLocks()
     if getattr(state, "sleep", None) is None:
         state.sleep = SleepCoordinator()
-    return FeedbackServices(settings, engine, inference, cache, metrics, state.lora_locks, state.sleep)
+    return FeedbackServices(settings, engine, inference, cache, metrics, lora_locks(state), state.sleep)
 
 
 ServicesDep = Annotated[FeedbackServices, Depends(feedback_services)]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from claas.core.lora_ids import LATEST, split_version, validate_lora_id
 from claas.core.types import LoraInfo, LoraInitRequest
-from claas.deps import AuthDep, EngineDep, InferenceDep
+from claas.deps import AuthDep, EngineDep, InferenceDep, SettingsDep
 from claas.errors import UnprocessableError
+from claas.feedback import lora_locks
 from claas.inference.proxy import served_base_models
 from claas.inference.vllm import VllmClient
 
@@ -20,7 +21,10 @@ router = APIRouter(tags=["lora"])
 
 
 @router.post("/v1/lora/init")
-async def init_lora(body: LoraInitRequest, engine: EngineDep, inference: InferenceDep, auth: AuthDep) -> LoraInfo:
+async def init_lora(
+    body: LoraInitRequest, engine: EngineDep, inference: InferenceDep, auth: AuthDep, request: Request,
+    settings: SettingsDep,
+) -> LoraInfo:
     validate_lora_id(body.lora_id)
     auth.require(body.lora_id)
     if body.lora_id in await served_base_models(inference):  # the server would refuse it; refuse before writing
@@ -28,18 +32,20 @@ async def init_lora(body: LoraInitRequest, engine: EngineDep, inference: Inferen
             f"lora_id {body.lora_id!r} is the name of a base model on the inference server; choose another id",
             param="lora_id",
         )
-    info = await engine.init_lora(body)
-    # Servable at once: load it on the inference server under its lora_id. All or nothing: an adapter the server
-    # did not take is removed again, so the caller's retry is not refused with "already exists".
-    try:
-        ref = await engine.lora_runtime_ref(body.lora_id)
-        await inference.reload_lora_adapter(ref.name, ref.path)
-    except Exception:
+    # Under the adapter's lock, like every write of it (a feedback or delete of the same id waits).
+    async with lora_locks(request.app.state).hold(body.lora_id, settings.feedback_lock_timeout_s, engine):
+        info = await engine.init_lora(body)
+        # Servable at once: load it on the inference server under its lora_id. All or nothing: an adapter the
+        # server did not take is removed again, so the caller's retry is not refused with "already exists".
         try:
-            await engine.delete_lora(body.lora_id)
+            ref = await engine.lora_runtime_ref(body.lora_id)
+            await inference.reload_lora_adapter(ref.name, ref.path)
         except Exception:
-            logger.exception("could not undo the creation of %s after the inference server refused it", body.lora_id)
-        raise
+            try:
+                await engine.delete_lora(body.lora_id)
+            except Exception:
+                logger.exception("could not undo the creation of %s after the server refused it", body.lora_id)
+            raise
     return info
 
 
@@ -62,11 +68,17 @@ async def export_lora(engine: EngineDep, auth: AuthDep, lora_id: str = Query(min
 
 @router.delete("/v1/lora")
 async def delete_lora(
-    engine: EngineDep, inference: InferenceDep, auth: AuthDep, lora_id: str = Query(min_length=1)
+    engine: EngineDep,
+    inference: InferenceDep,
+    auth: AuthDep,
+    request: Request,
+    settings: SettingsDep,
+    lora_id: str = Query(min_length=1),
 ) -> dict[str, Any]:
     validate_lora_id(lora_id, allow_version=True)
     auth.require(lora_id)
-    await engine.delete_lora(lora_id)
+    async with lora_locks(request.app.state).hold(lora_id, settings.feedback_lock_timeout_s, engine):
+        await engine.delete_lora(lora_id)
     unloaded = await _unload_served_versions(inference, lora_id)
     return {"deleted": lora_id, "unloaded": unloaded}
 

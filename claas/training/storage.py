@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import contextvars
 import io
 import json
 import logging
@@ -133,11 +134,35 @@ class LoraEntry:
     aliases: list[str] = field(default_factory=list)  # alias ids pointing here, e.g. "user/x@latest"
 
 
+@dataclass(eq=False)
+class LockHold:
+    """One holding of an adapter's lock (what ``LoraStore.lock`` yields). Writes of that adapter skip the lock only
+    in a context that this hold authorizes: the thread that entered the lock, and any context inside
+    ``authorize()`` (and copies of it, e.g. a worker thread given ``contextvars.copy_context()``). Any other
+    thread of the process waits for the lock like another process would."""
+
+    base: str
+
+    @contextlib.contextmanager
+    def authorize(self) -> Generator[None, None, None]:
+        token = _AUTHORIZED.set(_AUTHORIZED.get() | {self})
+        try:
+            yield
+        finally:
+            _AUTHORIZED.reset(token)
+
+
+# The lock holds the current context may write under (see LockHold).
+_AUTHORIZED: contextvars.ContextVar[frozenset[LockHold]] = contextvars.ContextVar(
+    "claas_lora_lock_holds", default=frozenset()
+)
+
+
 @dataclass
 class _LockState:
     mutex: threading.Lock
     file_lock: filelock.FileLock
-    held_by_caller: bool = False
+    holder: LockHold | None = None
 
 
 # Process-wide on purpose: flock belongs to an open file description, so two FileLock objects on one file in one
@@ -287,12 +312,13 @@ class LoraStore:
                 shutil.rmtree(self._snapshots(name), ignore_errors=True)
             self._prune_namespaces(self._public(base).parent)
 
-    def lock(self, lora_id: str, timeout: float) -> contextlib.AbstractContextManager[None]:
+    def lock(self, lora_id: str, timeout: float) -> contextlib.AbstractContextManager[LockHold]:
         """Inter-process lock on one adapter (a version locks its adapter); LoraLockTimeoutError after ``timeout`` s.
 
-        Not reentrant. While it is held, create/save/save_version/delete of that adapter from any thread of this
-        process run without taking it again (the holder orders them: e.g. the feedback transaction holds it while the
-        engine's worker thread saves).
+        Not reentrant. It yields a ``LockHold``: create/save/save_version/delete of that adapter run without taking
+        the lock again in the context that entered it and in contexts the hold authorizes (e.g. the feedback
+        transaction authorizes its task, and the engine's worker thread runs the save in a copy of that context);
+        from any other thread they wait for the lock.
         """
         base, _ = split_version(validate_lora_id(lora_id, allow_version=True))
         return self._acquire(base, timeout, by_caller=True)
@@ -410,7 +436,8 @@ class LoraStore:
     @contextlib.contextmanager
     def _writing(self, lora_id: str) -> Generator[None, None, None]:
         base, _ = split_version(lora_id)
-        if _lock_state(self._lock_file(base)).held_by_caller:
+        holder = _lock_state(self._lock_file(base)).holder
+        if holder is not None and holder in _AUTHORIZED.get():
             yield
             return
         with self._acquire(base, self.lock_timeout, by_caller=False):
@@ -422,7 +449,7 @@ class LoraStore:
         return locks / (base.replace("/", "%2F") + ".lock")
 
     @contextlib.contextmanager
-    def _acquire(self, base: str, timeout: float, *, by_caller: bool) -> Generator[None, None, None]:
+    def _acquire(self, base: str, timeout: float, *, by_caller: bool) -> Generator[LockHold, None, None]:
         # The mutex orders threads of this process; the file lock orders processes. A plain Lock (not RLock) and a
         # non-thread-local FileLock, so a holder may release from another thread (asyncio.to_thread).
         state = _lock_state(self._lock_file(base))
@@ -439,11 +466,18 @@ class LoraStore:
         except BaseException:
             state.mutex.release()
             raise
-        state.held_by_caller = by_caller
+        hold = LockHold(base)
+        if by_caller:
+            state.holder = hold
+            # The entering context may write at once (a plain `with store.lock(x): store.save(x, ...)`). Set, not
+            # reset by token: the exit may run in another context (asyncio.to_thread enters and exits).
+            _AUTHORIZED.set(_AUTHORIZED.get() | {hold})
         try:
-            yield
+            yield hold
         finally:
-            state.held_by_caller = False
+            if by_caller:
+                state.holder = None
+                _AUTHORIZED.set(_AUTHORIZED.get() - {hold})
             state.file_lock.release()
             state.mutex.release()
 

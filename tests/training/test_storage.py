@@ -5,6 +5,7 @@ Adapters here are fake files (no torch): a ``write`` callback puts a config and 
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import io
 import json
@@ -373,8 +374,14 @@ def test_lock_held_by_another_thread_times_out(store: LoraStore) -> None:
         assert isinstance(caught.value, TimeoutError)
         with store.lock("u/y", timeout=0.1):  # other adapters are not affected
             pass
-        # The holder may hand the save to a worker thread: mutations under a held lock do not wait for it.
-        store.save("u/x", writer(1), meta("u/x", step=1))
+        # Another thread that the holder did not authorize waits for the lock, like another process (issue 8: a
+        # per-process "held" flag let a delete or save from any thread skip it).
+        before = tree_digest(store.root)
+        with pytest.raises(LoraLockTimeoutError):
+            LoraStore(store.root, lock_timeout=0.2).save("u/x", writer(1), meta("u/x", step=1))
+        with pytest.raises(LoraLockTimeoutError):
+            LoraStore(store.root, lock_timeout=0.2).delete("u/x")
+        assert tree_digest(store.root) == before
     finally:
         release.set()
         holder.join()
@@ -419,11 +426,15 @@ def test_lock_may_be_entered_and_exited_on_different_threads(store: LoraStore) -
     store.create("u/x", writer(0), meta("u/x"))
     held = store.lock("u/x", timeout=1)
     with ThreadPoolExecutor(max_workers=1) as enter, ThreadPoolExecutor(max_workers=1) as work:
-        enter.submit(held.__enter__).result()
+        hold = enter.submit(held.__enter__).result()
         with pytest.raises(LoraLockTimeoutError):  # held: this thread cannot take it ...
             with store.lock("u/x", timeout=0.1):
                 pass
-        work.submit(store.save, "u/x", writer(1), meta("u/x", step=1)).result()  # ... but a save under it runs
+        with hold.authorize():  # ... but a save the holder authorizes runs, on a worker given its context
+            context = contextvars.copy_context()
+        work.submit(context.run, store.save, "u/x", writer(1), meta("u/x", step=1)).result()
+        with pytest.raises(LoraLockTimeoutError):  # and an unauthorized one does not
+            work.submit(LoraStore(store.root, lock_timeout=0.1).save, "u/x", writer(2), meta("u/x", step=2)).result()
     with ThreadPoolExecutor(max_workers=1) as leave:
         leave.submit(held.__exit__, None, None, None).result()
     with store.lock("u/x", timeout=0.1):

@@ -8,6 +8,7 @@ queries (list, exists) run on the default thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -51,7 +52,9 @@ class LocalEngine(TrainingEngine):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claas-train")
 
     async def _on_worker(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
+        # In a copy of the caller's context: an adapter lock the calling request holds authorizes the write there.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: context.run(fn))
 
     async def warmup(self) -> None:
         """Load the base model now instead of on the first request."""
