@@ -17,8 +17,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from claas.eval.rundir import RunFolder, read_json  # noqa: E402
+from claas.eval.summary import COMPLIANCE_TARGET  # noqa: E402
 
 
 def _series(
@@ -40,12 +42,47 @@ def _finish(fig: Any, ax: Any, path: Path, title: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel("feedback step")
     ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _panels(
+    path: Path,
+    title: str,
+    data: dict[str, tuple[dict[str, float], list[dict[str, Any]]]],
+    panels: tuple[tuple[str, str, str], ...],
+    *,
+    shape: tuple[int, int],
+    source: str = "metrics",
+    relative_to_baseline: frozenset[str] | set[str] = frozenset(),
+) -> Path:
+    """One figure of (key, title, y label) panels, a line per preference."""
+    rows, cols = shape
+    fig, axes = plt.subplots(rows, cols, figsize=(13, 3.6 * rows + 0.4), squeeze=False)
+    for ax, (key, panel_title, ylabel) in zip(axes.flat, panels):
+        for name, (baseline, steps) in data.items():
+            xs, ys = _series(baseline if source == "metrics" else {}, steps, key, source=source)
+            if key in relative_to_baseline and key in baseline:
+                ys = [y - baseline[key] for y in ys]
+            if xs:
+                ax.plot(xs, ys, marker="o" if source == "metrics" else ".", label=name)
+        ax.set_title(panel_title)
+        ax.set_xlabel("feedback step")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def make_plots(folder: RunFolder) -> list[Path]:
@@ -65,6 +102,7 @@ def make_plots(folder: RunFolder) -> list[Path]:
                 ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
             if key in baseline:
                 ax.axhline(100 * baseline[key], linestyle="--", alpha=0.5, label=f"{label} baseline")
+        ax.axhline(100 * COMPLIANCE_TARGET, color="green", linestyle=":", alpha=0.6, label="target")
         ax.set_ylim(-5, 105)
         path = folder.plots_dir / f"{name}_compliance.png"
         _finish(fig, ax, path, f"{name}: held-out compliance", "probes passing the verifier (%)")
@@ -89,56 +127,35 @@ def make_plots(folder: RunFolder) -> list[Path]:
     _finish(fig, ax, path, "Capability probes (facts, code, instruction)", "probes passed (%)")
     written.append(path)
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    panels = (
-        ("entropy_mean", "Mean token entropy", "nats per token"),
-        ("self_rouge_l", "Self-ROUGE-L of samples", "ROUGE-L F1 (1 = identical)"),
-        ("reference_logprob", "Reference text drift", "mean log p change vs baseline (nats/token)"),
+    written.append(
+        _panels(
+            folder.plots_dir / "collapse.png",
+            "Collapse alarms",
+            data,
+            (
+                ("entropy_mean", "Mean token entropy", "nats per token"),
+                ("self_rouge_l", "Self-ROUGE-L of samples", "ROUGE-L F1 (1 = identical)"),
+                ("reference_logprob", "Reference text drift", "mean log p change vs baseline (nats/token)"),
+            ),
+            shape=(1, 3),
+            relative_to_baseline={"reference_logprob"},
+        )
     )
-    for ax, (key, title, ylabel) in zip(axes, panels):
-        for name, (baseline, steps) in data.items():
-            xs, ys = _series(baseline, steps, key)
-            if key == "reference_logprob" and key in baseline:
-                ys = [y - baseline[key] for y in ys]
-            if xs:
-                ax.plot(xs, ys, marker="o", label=name)
-        ax.set_title(title)
-        ax.set_xlabel("feedback step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.suptitle("Collapse alarms")
-    fig.tight_layout()
-    path = folder.plots_dir / "collapse.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    panels = (
-        ("loss", "SDPO loss", "loss"),
-        ("jsd", "Generalized JSD", "nats per token"),
-        ("grad_norm", "Gradient norm (before clipping)", "L2 norm"),
-        ("is_ratio_mean", "Importance ratio (mean)", "exp(logp - logp_rollout)"),
-        ("distill_ms", "Step time (distill)", "ms"),
-        ("reload_ms", "Adapter reload on the server", "ms"),
+    written.append(
+        _panels(
+            folder.plots_dir / "sdpo.png",
+            "SDPO diagnostics per feedback step",
+            data,
+            (
+                ("loss", "SDPO loss", "loss"),
+                ("jsd", "Divergence (generalized JSD; alpha 0 = KL)", "nats per token"),
+                ("grad_norm", "Gradient norm (before clipping)", "L2 norm"),
+                ("is_ratio_mean", "Importance ratio (mean)", "exp(logp - logp_rollout)"),
+                ("distill_ms", "Step time (distill)", "ms"),
+                ("reload_ms", "Adapter reload on the server", "ms"),
+            ),
+            shape=(2, 3),
+            source="feedback",
+        )
     )
-    for ax, (key, title, ylabel) in zip(axes.flat, panels):
-        for name, (_, steps) in data.items():
-            xs, ys = _series({}, steps, key, source="feedback")
-            if xs:
-                ax.plot(xs, ys, marker=".", label=name)
-        ax.set_title(title)
-        ax.set_xlabel("feedback step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.suptitle("SDPO diagnostics per feedback step")
-    fig.tight_layout()
-    path = folder.plots_dir / "sdpo.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
     return written
