@@ -46,7 +46,7 @@ from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
-from claas.training.storage import LoraLockTimeoutError, LoraStoreError
+from claas.training.storage import LockHold, LoraLockTimeoutError, LoraStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ class LoraLocks:
             except LoraLockTimeoutError:
                 raise ConflictError(f"adapter {lora_id!r} is being updated by another CLaaS process") from None
             try:
-                with hold.authorize():  # this request's writes (on the engine's worker) skip the held lock; others wait
+                # This request's writes (on the engine's worker) skip the held lock; other threads wait. Stores
+                # other than LoraStore (the Tinker state) yield no hold and order their writes themselves.
+                with hold.authorize() if isinstance(hold, LockHold) else contextlib.nullcontext():
                     yield
             finally:
                 await asyncio.to_thread(file_lock.__exit__, None, None, None)
