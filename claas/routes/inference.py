@@ -6,7 +6,10 @@ Thin: parse, call the proxy (claas.inference.proxy), pick JSONResponse or an SSE
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import anyio
 from fastapi import APIRouter, Request
@@ -20,6 +23,8 @@ from claas.inference.wire import ChatCompletionRequest, CompletionRequest, Score
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["inference"])
+
+T = TypeVar("T")
 
 COMPLETION_ID_HEADER = "X-Claas-Completion-Id"
 STRIP_THINKING_HEADER = "X-Claas-Strip-Thinking"
@@ -65,14 +70,37 @@ def _respond(reply: JsonReply | StreamReply) -> Response:
     return JSONResponse(reply.body, headers=headers)
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it when the client disconnects first: cancelling the upstream call closes its
+    connection, which makes the inference server abort the generation (a non-streamed answer nobody waits for
+    would otherwise keep the server busy, and everyone queued behind it waiting)."""
+    task = asyncio.ensure_future(work)
+
+    async def listen() -> None:
+        while True:
+            message = await request.receive()  # the body is read already: the next message is the disconnect
+            if message["type"] == "http.disconnect":
+                logger.debug("client disconnected before the answer: cancelling the upstream request")
+                task.cancel()
+                return
+
+    listener = asyncio.ensure_future(listen())
+    try:
+        return await task
+    finally:
+        listener.cancel()
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, proxy: ProxyDep, auth: AuthDep) -> Response:
-    return _respond(await proxy.chat(body, auth, strip_thinking=_strip_thinking(request)))
+    return _respond(await _unless_disconnected(
+        request, proxy.chat(body, auth, strip_thinking=_strip_thinking(request))))
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, proxy: ProxyDep, auth: AuthDep) -> Response:
-    return _respond(await proxy.completions(body, auth, strip_thinking=_strip_thinking(request)))
+    return _respond(await _unless_disconnected(
+        request, proxy.completions(body, auth, strip_thinking=_strip_thinking(request))))
 
 
 @router.get("/v1/models")
