@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pydantic
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from claas.eval.runner import run_eval
@@ -13,7 +15,7 @@ def main(overrides: list[str]) -> int:
     console = Console()
     try:
         cfg = compose_config(overrides)
-    except pydantic.ValidationError as exc:
+    except (pydantic.ValidationError, HydraException, OmegaConfBaseException, ValueError) as exc:
         console.print(f"[red]invalid eval config:[/red] {exc}")
         return 2
     try:

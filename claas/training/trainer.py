@@ -35,6 +35,7 @@ from claas.core.types import (
     TrainingExample,
 )
 from claas.errors import UnprocessableError
+from claas.training.examples import ExampleTokens, example_tokens
 from claas.training.sdpo_loss import sdpo_loss_from_hidden
 from claas.training.storage import (
     METADATA_FILE,
@@ -44,7 +45,7 @@ from claas.training.storage import (
     LoraStore,
     LoraStoreError,
 )
-from claas.training.teacher import RemoteTeacher, chat_prompt_ids, teacher_messages
+from claas.training.teacher import RemoteTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,7 @@ class HotAdapter:
     snapshot: Path  # the on-disk snapshot these weights and optimizer state equal (freshness check)
 
 
-@dataclass
-class ExampleTensors:
-    prompt_ids: list[int]
-    response_ids: list[int]
-    teacher_prompt_ids: list[int]
-    rollout_logprobs: list[float] | None
+ExampleTensors = ExampleTokens
 
 
 def peft_adapter_name(lora_id: str) -> str:
@@ -351,23 +347,7 @@ class DistillationTrainer:
         return DistillResult(lora_id=saved_id, step=metadata.step, metrics=metrics, timing_ms=timing)
 
     def _tensors(self, example: TrainingExample, placement: FeedbackPlacement = "user") -> ExampleTensors:
-        tokenizer = self.tokenizer
-        if example.prompt_token_ids is not None and example.response_token_ids is not None:
-            prompt_ids, response_ids = list(example.prompt_token_ids), list(example.response_token_ids)
-        else:
-            prompt_ids = chat_prompt_ids(tokenizer, example.messages)
-            response_ids = list(tokenizer(example.response_text, add_special_tokens=False)["input_ids"])
-            if tokenizer.eos_token_id is not None and (not response_ids or response_ids[-1] != tokenizer.eos_token_id):
-                response_ids.append(tokenizer.eos_token_id)  # the turn ends here: teach where to stop, too
-        if not response_ids:
-            raise ValueError("the response has no tokens to train on")
-        rollout = example.rollout_logprobs
-        if rollout is not None and len(rollout) != len(response_ids):
-            raise ValueError(
-                f"rollout_logprobs has {len(rollout)} values but the response has {len(response_ids)} tokens"
-            )
-        teacher_prompt_ids = chat_prompt_ids(tokenizer, teacher_messages(example.messages, example.feedback, placement))
-        return ExampleTensors(prompt_ids, response_ids, teacher_prompt_ids, rollout)
+        return example_tokens(self.tokenizer, example, placement)
 
     def _teacher_demonstration(self, t: ExampleTensors, max_tokens: int = 128) -> ExampleTensors:
         """The teacher's own greedy answer to the prompt (frozen base, hindsight prompt), as one more example: the

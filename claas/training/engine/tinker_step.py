@@ -15,8 +15,9 @@ from typing import Any
 from claas.core.types import TrainingConfig, TrainingExample
 from claas.inference.tinker import TinkerSamplers
 from claas.training.engine.remote_errors import tinker_errors
-from claas.training.engine.tinker_data import SdpoTokens, example_tokens, response_values, sdpo_datum, teacher_topk
+from claas.training.engine.tinker_data import SdpoTokens, response_values, sdpo_datum, teacher_topk
 from claas.training.engine.tinker_loss import TopKTailLossConfig, topk_tail_sdpo_loss
+from claas.training.examples import example_tokens
 
 
 async def run_sdpo_step(
@@ -25,7 +26,7 @@ async def run_sdpo_step(
 ) -> dict[str, float]:
     phase = time.perf_counter()
     tokenizer = await samplers.tokenizer()
-    tokens = [example_tokens(tokenizer, example) for example in examples]
+    tokens = [example_tokens(tokenizer, example, cfg.feedback_placement) for example in examples]
     timing["tokenize"] = _ms_since(phase)
 
     phase = time.perf_counter()
