@@ -75,6 +75,7 @@ def _panels(
         ax.set_xlabel("feedback step")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)  # a ratio near 1 reads as 1.0000, not 1e-6 + 0.99999
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
