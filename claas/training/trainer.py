@@ -25,6 +25,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from claas.core.config import Settings
 from claas.core.models import LoadedModel, load_model
 from claas.core.types import (
     DistillBatch,
@@ -103,6 +104,21 @@ class DistillationTrainer:
         self._peft: Any = None  # PeftModel once the first adapter exists
         self._hot: OrderedDict[str, HotAdapter] = OrderedDict()
         self._linear_names: set[str] = set()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: LoraStore, remote_teacher: RemoteTeacher | None = None
+    ) -> DistillationTrainer:
+        return cls(
+            base_model=settings.base_model,
+            store=store,
+            cache_dir=settings.model_cache,
+            device=settings.device,
+            hot_adapters=settings.hot_adapters,
+            default_rank=settings.lora_rank,
+            default_alpha=settings.lora_alpha,
+            remote_teacher=remote_teacher,
+        )
 
     # ------------------------------------------------------------------ model
     def ensure_loaded(self) -> LoadedModel:

@@ -199,15 +199,23 @@ def test_lru_keeps_at_most_the_configured_hot_adapters(trainer: DistillationTrai
 def test_teacher_demonstration_adds_the_teachers_own_answer(
     trainer: DistillationTrainer, placement: FeedbackPlacement
 ) -> None:
-    """The frozen base shown the feedback answers as Kuro; with teacher_demonstration that answer is trained on too."""
+    """The frozen base's greedy answer under the feedback is trained on beside the served one (with the hindsight
+    block that answer introduces itself as Kuro; under the system instruction, for this prompt, it does not)."""
+    lora_id = new_lora(trainer)  # a step always runs with an adapter attached
     example = TrainingExample(messages=GREETING, response_text=SMOL_ANSWER, feedback=KURO_FEEDBACK)
     tensors = trainer._tensors(example, placement)
     demonstration = trainer._teacher_demonstration(tensors)
-    assert "kuro" in trainer.tokenizer.decode(demonstration.response_ids).lower()
+    if placement == "user":
+        assert "kuro" in trainer.tokenizer.decode(demonstration.response_ids).lower()
+    model = trainer.ensure_loaded().model
+    with torch.no_grad(), trainer._peft.disable_adapter():
+        prompt = torch.tensor([tensors.teacher_prompt_ids])
+        greedy = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                max_new_tokens=len(demonstration.response_ids), pad_token_id=0)[0, prompt.shape[1]:]
+    assert demonstration.response_ids == greedy.tolist()  # the teacher's own answer, not the served one
     assert demonstration.prompt_ids == tensors.prompt_ids  # the student sees the plain prompt
     assert demonstration.rollout_logprobs is None
 
-    lora_id = new_lora(trainer)
     plain = trainer.step(DistillBatch(lora_id=lora_id, examples=[example], training=TrainingConfig()))
     config = TrainingConfig(teacher_demonstration=True, feedback_placement=placement)
     both = trainer.step(DistillBatch(lora_id=lora_id, examples=[example], training=config))

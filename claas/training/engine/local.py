@@ -33,16 +33,7 @@ class LocalEngine(TrainingEngine):
         remote = None
         if settings.remote_teacher_url and settings.remote_teacher_model:
             remote = RemoteTeacher(settings.remote_teacher_url, settings.remote_teacher_model)
-        self.trainer = trainer or DistillationTrainer(
-            base_model=settings.base_model,
-            store=self.store,
-            cache_dir=settings.model_cache,
-            device=settings.device,
-            hot_adapters=settings.hot_adapters,
-            default_rank=settings.lora_rank,
-            default_alpha=settings.lora_alpha,
-            remote_teacher=remote,
-        )
+        self.trainer = trainer or DistillationTrainer.from_settings(settings, self.store, remote)
         self._remote_teacher = remote
         # Training on an accelerator shares it with the co-located inference server, which must then sleep; on
         # CPU they share no accelerator memory, so the server keeps serving during a step.

@@ -22,15 +22,7 @@ class DistillWorkerCore:
         from claas.training.trainer import DistillationTrainer
 
         self.store = VolumeLoraStore(settings.lora_root, volume)
-        self.trainer = DistillationTrainer(
-            base_model=settings.base_model,
-            store=self.store,
-            cache_dir=settings.model_cache,
-            device=settings.device,
-            hot_adapters=settings.hot_adapters,
-            default_rank=settings.lora_rank,
-            default_alpha=settings.lora_alpha,
-        )
+        self.trainer = DistillationTrainer.from_settings(settings, self.store)
 
     def load(self) -> None:
         self.trainer.ensure_loaded()
