@@ -71,9 +71,6 @@ class HotAdapter:
     snapshot: Path  # the on-disk snapshot these weights and optimizer state equal (freshness check)
 
 
-ExampleTensors = ExampleTokens
-
-
 def peft_adapter_name(lora_id: str) -> str:
     # PEFT keeps adapters in ModuleDicts whose keys may not contain '.' or '/'; lora ids may.
     return "a" + hashlib.sha1(lora_id.encode()).hexdigest()[:16]
@@ -362,11 +359,11 @@ class DistillationTrainer:
         timing["save"] = _ms_since(phase)
         return DistillResult(lora_id=saved_id, step=metadata.step, metrics=metrics, timing_ms=timing)
 
-    def _tensors(self, example: TrainingExample, placement: FeedbackPlacement = "user") -> ExampleTensors:
+    def _tensors(self, example: TrainingExample, placement: FeedbackPlacement = "user") -> ExampleTokens:
         return example_tokens(self.tokenizer, example, placement)
 
-    def _teacher_demonstration(self, t: ExampleTensors, max_tokens: int = 128) -> ExampleTensors:
-        """The teacher's own greedy answer to the prompt (frozen base, hindsight prompt), as one more example: the
+    def _teacher_demonstration(self, t: ExampleTokens, max_tokens: int = 128) -> ExampleTokens:
+        """The teacher's own greedy answer to the prompt (frozen base, teacher prompt), as one more example: the
         student is trained on it exactly like on its own answer (teacher-forced, no importance weight)."""
         prompt = torch.tensor([t.teacher_prompt_ids], device=self.device)
         eos = self.tokenizer.eos_token_id
@@ -381,7 +378,7 @@ class DistillationTrainer:
         answer = out[0, prompt.shape[1] :].tolist()
         if eos is not None and eos in answer:
             answer = answer[: answer.index(eos) + 1]  # keep the stop: the answer ends here
-        return ExampleTensors(t.prompt_ids, answer, t.teacher_prompt_ids, None)
+        return ExampleTokens(t.prompt_ids, answer, t.teacher_prompt_ids, None)
 
     def _causal_lm(self) -> Any:
         """The transformers model (with LoRA layers injected in place when adapters exist)."""
@@ -409,7 +406,7 @@ class DistillationTrainer:
             rows.append(logits.log_softmax(-1).gather(-1, token_ids[start : start + chunk, None]).squeeze(-1))
         return torch.cat(rows)
 
-    def _example_loss(self, t: ExampleTensors, cfg: TrainingConfig) -> Any:
+    def _example_loss(self, t: ExampleTokens, cfg: TrainingConfig) -> Any:
         device = self.device
         response = torch.tensor(t.response_ids, device=device)
         teacher_kwargs: dict[str, Any] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from claas.training.examples import ExampleTokens as SdpoTokens
+from claas.training.examples import ExampleTokens
 
 
 def teacher_topk(topk_prompt_logprobs: Any, prompt_len: int, response_len: int, k: int) -> tuple[list, list]:
@@ -33,7 +33,7 @@ def response_values(per_position: list[float | None], prompt_len: int, response_
     return [float(v) for v in values if v is not None]
 
 
-def sdpo_datum(tokens: SdpoTokens, teacher_ids: list[list[int]], teacher_lps: list[list[float]],
+def sdpo_datum(tokens: ExampleTokens, teacher_ids: list[list[int]], teacher_lps: list[list[float]],
                base_logprobs: list[float] | None = None) -> Any:
     """One Datum: target_tokens [N, K+1] (column 0 = the real next token), the teacher's logprobs [N, K], the mask
     and the rollout/base logprobs [N]. Only target_tokens and weights reach Tinker; the rest stays client-side for

@@ -15,9 +15,9 @@ from typing import Any
 from claas.core.types import TrainingConfig, TrainingExample
 from claas.inference.tinker import TinkerSamplers
 from claas.training.engine.remote_errors import tinker_errors
-from claas.training.engine.tinker_data import SdpoTokens, response_values, sdpo_datum, teacher_topk
+from claas.training.engine.tinker_data import response_values, sdpo_datum, teacher_topk
 from claas.training.engine.tinker_loss import TopKTailLossConfig, topk_tail_sdpo_loss
-from claas.training.examples import example_tokens
+from claas.training.examples import ExampleTokens, example_tokens
 
 
 async def run_sdpo_step(
@@ -71,7 +71,7 @@ async def run_sdpo_step(
     return metrics
 
 
-async def _datum(teacher: Any, tokens: SdpoTokens, cfg: TrainingConfig) -> Any:
+async def _datum(teacher: Any, tokens: ExampleTokens, cfg: TrainingConfig) -> Any:
     from tinker import types
 
     sequence = tokens.teacher_prompt_ids + tokens.response_ids
