@@ -66,7 +66,10 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
                 await training.warmup()  # load the base model now, not on the first feedback
             app.state.inference = training.inference_backend() or inference
             app.state.cache = CompletionCache(
-                settings.completion_cache_size, settings.completion_cache_ttl_s, on_lookup=metrics.record_cache_lookup
+                settings.completion_cache_size,
+                settings.completion_cache_ttl_s,
+                max_bytes=settings.completion_cache_max_bytes,
+                on_lookup=metrics.record_cache_lookup,
             )
             app.state.engine = training
             logger.info("CLaaS API ready: inference server %s, engine %s", settings.vllm_base_url, training.kind)

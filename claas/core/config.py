@@ -61,6 +61,9 @@ class Settings(BaseSettings):
         Path("data/evals"), description="Eval runs (`claas eval` output), browsed by the /v1/eval dashboard."
     )
     completion_cache_size: int = Field(4096, ge=1, description="Completions kept for feedback lookup.")
+    completion_cache_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Bytes (estimated) the completion cache may hold; LRU beyond."
+    )
     completion_cache_ttl_s: float = Field(3600.0, gt=0, description="Seconds a cached completion stays usable.")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     sleep_during_training: Literal["auto", "always", "never"] = Field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from claas.inference.cache import CachedCompletion, CompletionCache
+from claas.inference.cache import CachedCompletion, CompletionCache, entry_bytes
 
 
 class FakeClock:
@@ -116,3 +116,34 @@ def test_put_same_id_replaces_the_entry_and_its_text_key():
 def test_bad_bounds_are_rejected(size, ttl):
     with pytest.raises(ValueError):
         CompletionCache(size, ttl)
+
+
+def _long(completion_id: str, tokens: int) -> CachedCompletion:
+    return CachedCompletion(
+        completion_id=completion_id,
+        model="base",
+        messages=[{"role": "user", "content": "q"}],
+        prompt_token_ids=[1] * tokens,
+        response_token_ids=[2] * tokens,
+        response_logprobs=[-0.5] * tokens,
+        response_text=f"answer {completion_id}",
+        visible_text=f"answer {completion_id}",
+    )
+
+
+def test_the_byte_bound_evicts_by_size_not_by_count():
+    """A few huge completions cannot take the room of many small ones: the cache holds at most `max_bytes`
+    (estimated), evicting the least recently used, and one entry larger than the bound is not kept at all."""
+    one = entry_bytes(_long("probe", 10_000))
+    cache = CompletionCache(1000, 60, max_bytes=3 * one)
+    for index in range(5):
+        cache.put(_long(f"big{index}", 10_000))
+    assert len(cache) == 3 and cache.bytes <= cache.max_bytes
+    assert cache.get("big0") is None and cache.get("big1") is None  # the oldest went first
+    assert cache.find("answer big0") is None  # and the text index forgot them
+    assert cid(cache.find("answer big4")) == "big4"
+    cache.put(_long("huge", 40_000))  # alone larger than the bound
+    assert cache.get("huge") is None and len(cache) == 3
+    for index in range(50):
+        cache.put(entry(f"small{index}", f"small answer {index}"))
+    assert len(cache) == 50 + 2 and cache.bytes <= cache.max_bytes  # small ones push out the big ones only as needed
