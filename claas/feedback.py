@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncGenerator, Literal
+from typing import Any, Literal
 
 from claas.auth import OPEN_SCOPE, AuthScope
 from claas.core.chat import last_user_text, message_text
@@ -30,7 +30,6 @@ from claas.core.models import training_config_for
 from claas.core.types import DistillBatch, FeedbackItem, OrchestrationConfig, TrainingConfig, TrainingExample
 from claas.errors import (
     ClaasError,
-    ConflictError,
     NotFoundError,
     PayloadTooLargeError,
     PhaseFailedError,
@@ -44,9 +43,10 @@ from claas.inference.helpers import normalize_text, text_key
 from claas.inference.proxy import served_base_models
 from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
+from claas.lora_locks import LoraLocks
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
-from claas.training.storage import LockHold, LoraLockTimeoutError, LoraStoreError
+from claas.training.storage import LoraStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -66,55 +66,8 @@ class FeedbackServices:
     inference: VllmClient
     cache: CompletionCache
     metrics: Metrics
-    locks: "LoraLocks"
+    locks: LoraLocks
     sleep: SleepCoordinator = field(default_factory=SleepCoordinator)
-
-
-class LoraLocks:
-    """One asyncio lock per lora_id in this process, plus the store's file lock when the engine has a local store,
-    so two API processes sharing an adapter root never interleave updates of one adapter."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, lora_id: str, timeout_s: float, engine: TrainingEngine) -> AsyncGenerator[None]:
-        lock = self._locks.setdefault(lora_id, asyncio.Lock())
-        started = time.monotonic()
-        try:
-            await asyncio.wait_for(lock.acquire(), timeout=timeout_s)
-        except TimeoutError:
-            raise ConflictError(
-                f"adapter {lora_id!r} is busy with another update; "
-                f"waited {timeout_s:.0f}s (CLAAS_FEEDBACK_LOCK_TIMEOUT_S)"
-            ) from None
-        try:
-            store = getattr(engine, "store", None)
-            if store is None:
-                yield
-                return
-            remaining = max(0.0, timeout_s - (time.monotonic() - started))
-            file_lock = store.lock(lora_id, remaining)
-            try:
-                hold = await asyncio.to_thread(file_lock.__enter__)
-            except LoraLockTimeoutError:
-                raise ConflictError(f"adapter {lora_id!r} is being updated by another CLaaS process") from None
-            try:
-                # This request's writes (on the engine's worker) skip the held lock; other threads wait. Stores
-                # other than LoraStore (the Tinker state) yield no hold and order their writes themselves.
-                with hold.authorize() if isinstance(hold, LockHold) else contextlib.nullcontext():
-                    yield
-            finally:
-                await asyncio.to_thread(file_lock.__exit__, None, None, None)
-        finally:
-            lock.release()
-
-
-def lora_locks(state: Any) -> LoraLocks:
-    """The app's one LoraLocks (on `app.state`), shared by feedback, distill, init and delete."""
-    if getattr(state, "lora_locks", None) is None:
-        state.lora_locks = LoraLocks()
-    return state.lora_locks
 
 
 def _item_messages(item: FeedbackItem) -> list[dict[str, Any]]:

@@ -15,10 +15,11 @@ from claas.auth import AuthScope
 from claas.core.types import DistillRequest, FeedbackRequest, OrchestrationConfig
 from claas.deps import AuthDep, CacheDep, EngineDep, InferenceDep, MetricsDep, SettingsDep
 from claas.errors import ForbiddenError
-from claas.feedback import FeedbackServices, lora_locks, reload_served_adapter, run_feedback
+from claas.feedback import FeedbackServices, reload_served_adapter, run_feedback
 from claas.idempotency import HEADER as IDEMPOTENCY_HEADER
 from claas.idempotency import IdempotencyStore
 from claas.inference.sleep import SleepCoordinator
+from claas.lora_locks import lora_locks
 
 router = APIRouter(tags=["feedback"])
 

@@ -11,9 +11,9 @@ from claas.core.lora_ids import LATEST, split_version, validate_lora_id
 from claas.core.types import LoraInfo, LoraInitRequest
 from claas.deps import AuthDep, EngineDep, InferenceDep, SettingsDep
 from claas.errors import UnprocessableError
-from claas.feedback import lora_locks
 from claas.inference.proxy import served_base_models
 from claas.inference.vllm import VllmClient
+from claas.lora_locks import lora_locks
 
 logger = logging.getLogger(__name__)
 

@@ -163,10 +163,13 @@ class _LockState:
     mutex: threading.Lock
     file_lock: filelock.FileLock
     holder: LockHold | None = None
+    users: int = 0  # threads holding or waiting; the state is dropped when the last one leaves (guarded)
 
 
 # Process-wide on purpose: flock belongs to an open file description, so two FileLock objects on one file in one
-# process would block each other; every LoraStore on the same root must share one lock per adapter.
+# process would block each other; every LoraStore on the same root must share one lock per adapter while anyone
+# holds or waits for it. Entries are reference-counted, so the map holds only adapters in use, not every one ever
+# locked.
 _LOCKS: dict[str, _LockState] = {}
 _LOCKS_GUARD = threading.Lock()
 
@@ -436,7 +439,9 @@ class LoraStore:
     @contextlib.contextmanager
     def _writing(self, lora_id: str) -> Generator[None, None, None]:
         base, _ = split_version(lora_id)
-        holder = _lock_state(self._lock_file(base)).holder
+        with _LOCKS_GUARD:
+            state = _LOCKS.get(os.path.realpath(self._lock_file(base)))
+            holder = state.holder if state is not None else None
         if holder is not None and holder in _AUTHORIZED.get():
             yield
             return
@@ -452,20 +457,31 @@ class LoraStore:
     def _acquire(self, base: str, timeout: float, *, by_caller: bool) -> Generator[LockHold, None, None]:
         # The mutex orders threads of this process; the file lock orders processes. A plain Lock (not RLock) and a
         # non-thread-local FileLock, so a holder may release from another thread (asyncio.to_thread).
-        state = _lock_state(self._lock_file(base))
-        started = time.monotonic()
-        if not state.mutex.acquire(timeout=timeout if timeout >= 0 else -1):
-            raise LoraLockTimeoutError(f"adapter {base!r} is locked by another writer; gave up after {timeout:g} s")
-        try:
-            state.file_lock.acquire(timeout=max(0.0, timeout - (time.monotonic() - started)) if timeout >= 0 else -1)
-        except filelock.Timeout as e:
-            state.mutex.release()
-            raise LoraLockTimeoutError(
-                f"adapter {base!r} is locked by another process; gave up after {timeout:g} s"
-            ) from e
-        except BaseException:
-            state.mutex.release()
-            raise
+        with _lock_state(self._lock_file(base)) as state:
+            started = time.monotonic()
+            if not state.mutex.acquire(timeout=timeout if timeout >= 0 else -1):
+                raise LoraLockTimeoutError(
+                    f"adapter {base!r} is locked by another writer; gave up after {timeout:g} s"
+                )
+            try:
+                state.file_lock.acquire(
+                    timeout=max(0.0, timeout - (time.monotonic() - started)) if timeout >= 0 else -1
+                )
+            except filelock.Timeout as e:
+                state.mutex.release()
+                raise LoraLockTimeoutError(
+                    f"adapter {base!r} is locked by another process; gave up after {timeout:g} s"
+                ) from e
+            except BaseException:
+                state.mutex.release()
+                raise
+            with self._held(state, base, by_caller=by_caller) as hold:
+                yield hold
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _held(state: _LockState, base: str, *, by_caller: bool) -> Generator[LockHold, None, None]:
+        """The body of a held lock (mutex and file lock taken): record the holder, release both at the end."""
         hold = LockHold(base)
         if by_caller:
             state.holder = hold
@@ -482,13 +498,22 @@ class LoraStore:
             state.mutex.release()
 
 
-def _lock_state(path: Path) -> _LockState:
+@contextlib.contextmanager
+def _lock_state(path: Path) -> Generator[_LockState, None, None]:
+    """The process-wide lock state of one lock file, counted as in use for the length of the block."""
     key = os.path.realpath(path)
     with _LOCKS_GUARD:
         state = _LOCKS.get(key)
         if state is None:
             state = _LOCKS[key] = _LockState(threading.Lock(), filelock.FileLock(key, thread_local=False))
-        return state
+        state.users += 1
+    try:
+        yield state
+    finally:
+        with _LOCKS_GUARD:
+            state.users -= 1
+            if state.users == 0:
+                del _LOCKS[key]
 
 
 def _next_sequence(snapshots: Path) -> int:
