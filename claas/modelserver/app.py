@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -218,8 +218,8 @@ def build_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         return Response(status_code=200)
 
     @app.post("/wake_up")
-    async def wake_up(engine: EngineDep) -> Response:
-        await engine.wake_up()
+    async def wake_up(engine: EngineDep, tags: Annotated[list[str] | None, Query()] = None) -> Response:
+        await engine.wake_up(tags)
         return Response(status_code=200)
 
     @app.get("/is_sleeping")

@@ -1,10 +1,11 @@
 """The decode loop for one request on the worker thread: prefill, then one token per forward with a KV cache.
 
 `prefill` runs the prompt (`logits_to_keep=1` unless prompt logprobs are wanted; then in chunks of positions so memory
-stays O(chunk x vocab)). `decode_choice` generates one choice: sample (greedy or seeded), compute raw logprobs only
-when asked, detokenize incrementally, apply EOS / `stop_token_ids` / stop strings / length, and hand every token to
-`job.emit` as a `TokenDelta` (the engine forwards it to the request's asyncio queue). It checks `job.cancelled` before
-every step, so a disconnected client stops costing compute within one token.
+stays O(chunk x vocab)). `decode_choice` generates one choice: adjust the logits (min_tokens, logit_bias,
+penalties), sample (greedy or seeded), compute raw logprobs only when asked, detokenize incrementally, apply EOS /
+`stop_token_ids` / stop strings / length, and hand every token to `job.emit` as a `TokenDelta` (the engine forwards
+it to the request's asyncio queue). It checks `job.cancelled` before every step, so a disconnected client stops
+costing compute within one token.
 
 Must run under `torch.inference_mode()` with the request's adapter selected (the engine does both).
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from claas.modelserver.sampling import (
+    LogitsAdjuster,
     PositionLogprobs,
     SamplingParams,
     make_generator,
@@ -69,6 +71,8 @@ class Job:
     inp: GenerationInput
     emit: Callable[[object], None]
     submitted: float = field(default_factory=time.monotonic)
+    scheduled: float = 0.0  # when the worker started it
+    first_token: float | None = None
     cancelled: bool = False
 
 
@@ -118,13 +122,14 @@ def decode_choice(
     eos = frozenset() if params.ignore_eos else ctx.eos_ids
     stop_ids = frozenset(params.stop_token_ids)
     banned = torch.tensor(sorted(ctx.eos_ids | stop_ids), dtype=torch.long, device=ctx.device)  # for min_tokens
+    adjust = LogitsAdjuster(params, prompt, banned, int(logits.shape[-1]))
     budget = min(params.max_tokens, ctx.max_model_len - len(prompt))
     last = time.monotonic()
     for step in range(budget):
         if job.cancelled:
             return None
-        scores = logits.index_fill(0, banned, float("-inf")) if step < params.min_tokens else logits
-        token = sample_token(scores, params, generator)
+        token = sample_token(adjust(logits, step), params, generator)
+        adjust.observe(token)
         lps = (
             [position_logprobs(logits, token, params.logprobs, with_rank=False)]
             if params.logprobs is not None
@@ -148,10 +153,14 @@ def decode_choice(
         now = time.monotonic()
         if step == 0:
             metrics.ttft.observe(now - job.submitted)
+            if job.first_token is None:
+                job.first_token = now
         else:
             metrics.itl.observe(now - last)
+            metrics.iteration_tokens.observe(1)
         last = now
         metrics.generation_tokens.inc()
+        metrics.kv_cache_usage.set((len(prompt) + step + 1) / ctx.max_model_len)
         job.emit(TokenDelta(index, text, [token], lps, finish, stop_reason))
         if finish is not None:
             metrics.request_generation_tokens.observe(step + 1)

@@ -11,8 +11,18 @@ Decoding is a plain loop over `model(input_ids, cache=DynamicCache)` under `torc
 incremental detokenization, and logprobs computed only when asked.
 
 Sleep: level 1 keeps the weights (moved to host memory on CUDA), level 2 drops weights and adapters; waking from
-level 2 reloads the base model from disk and re-attaches every adapter from its path. Adapters can be loaded and
-unloaded while asleep (the CLaaS feedback loop reloads an adapter before it wakes the server).
+level 2 reloads the base model from disk and re-attaches every adapter from its path. As in vLLM, `wake_up(tags)`
+can wake `weights` and `kv_cache` separately; the engine reports sleeping (and refuses generation) until both are
+awake. Adapters can be loaded and unloaded while asleep (the CLaaS feedback loop reloads an adapter before it wakes
+the server); they are validated against the recorded module shapes even at level 2, so a broken one is refused at
+load time, not on first use.
+
+Adapter swap: `load_adapter(..., load_inplace=True)` on a resident adapter with the same structure copies the new
+weights into its tensors (milliseconds) instead of rebuilding PEFT modules; the copy is a job on the worker thread,
+so it happens between two requests and no forward pass sees a half-copied adapter.
+
+Generation defaults: fields a request omits come from the model's generation_config (vLLM's
+`--generation-config auto`), the registry's `generation_defaults`, then `override_generation_config`.
 
 Not here: HTTP, request validation, response shapes (serving.py, app.py).
 """
@@ -32,17 +42,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from claas.core.models import LoadedModel, load_model
+from claas.core.models import REGISTRY, LoadedModel, load_model
 from claas.modelserver.adapters import AdapterLoadError, AdapterSlots, looks_like_adapter_dir
 from claas.modelserver.decoding import GenerationInput, Job, PromptLogprobs, TokenDelta, decode_choice, prefill
 from claas.modelserver.errors import BadRequest, InternalError, ModelServerError, NotFound, Unavailable
 from claas.modelserver.metrics import ServerMetrics
+from claas.modelserver.sampling import GENERATION_CONFIG_FIELDS
 
 __all__ = ["Engine", "GenerationHandle", "GenerationInput", "PromptLogprobs", "TokenDelta"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE = object()
+SLEEP_TAGS = frozenset({"weights", "kv_cache"})
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(preference: str, device: Any) -> Any:
+    """vLLM's `--dtype`: `auto` is bf16 on CUDA and float32 on CPU; `bfloat16` / `float32` force one."""
+    import torch
+
+    if preference not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {preference!r}")
+    if preference == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, preference)
+
+
+def generation_defaults(
+    loaded: LoadedModel, model_arg: str, mode: str = "auto", overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Sampling defaults for omitted request fields, as vLLM's `--generation-config` / `--override-generation-config`.
+
+    `auto`: the fields the model's generation_config sets explicitly, then the registry's defaults for the model;
+    `vllm`: none (vLLM's neutral defaults). `overrides` win in both."""
+    if mode not in ("auto", "vllm"):
+        raise ValueError(f"generation_config must be 'auto' or 'vllm', got {mode!r}")
+    found: dict[str, Any] = {}
+    if mode == "auto":
+        config = getattr(loaded.model, "generation_config", None)
+        diff = config.to_diff_dict() if config is not None else {}
+        found = {k: diff[k] for k in (*GENERATION_CONFIG_FIELDS, "max_new_tokens") if diff.get(k) is not None}
+        source = REGISTRY.get(model_arg)
+        if source is not None:
+            found.update(source.generation_defaults)
+    found.update(overrides or {})
+    return found
 
 
 class GenerationHandle:
@@ -86,6 +131,9 @@ class Engine:
         device: str = "auto",
         max_model_len: int | None = None,
         max_loras: int = 8,
+        dtype: str = "auto",
+        generation_config: str = "auto",
+        override_generation_config: dict[str, Any] | None = None,
     ) -> None:
         self.model_arg = model_arg or loaded.name
         self.served_model_name = served_model_name or loaded.name
@@ -93,6 +141,15 @@ class Engine:
         self.device = loaded.device
         self._cache_dir = cache_dir
         self._device_pref = device
+        self._dtype_pref = dtype
+        self.dtype = next(loaded.model.parameters()).dtype
+        self.generation_defaults = generation_defaults(
+            loaded, self.model_arg, generation_config, override_generation_config
+        )
+        if self.generation_defaults:
+            logger.info(
+                "Default sampling parameters for omitted fields (generation config): %s", self.generation_defaults
+            )
         config = loaded.model.config
         derived = int(getattr(config, "max_position_embeddings", 0) or 2048)
         if max_model_len is not None and max_model_len > derived:
@@ -106,14 +163,19 @@ class Engine:
         self._resident: OrderedDict[str, None] = OrderedDict()  # internal names attached to the model, LRU first
         self._internal_names = (f"lora{i}" for i in itertools.count(1))
         self._sleep_level: int | None = None
+        self._sleeping_tags: set[str] = set()
         self._sleep_requested = False
-        self.metrics = ServerMetrics(self.served_model_name, self.max_model_len)
+        self.metrics = ServerMetrics(self.served_model_name, self.max_model_len, str(self.dtype).removeprefix("torch."))
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
     @classmethod
-    def load(cls, model: str, *, cache_dir: Path, device: str = "auto", **kwargs: Any) -> "Engine":
-        return cls(load_model(model, cache_dir, device), model_arg=model, cache_dir=cache_dir, device=device, **kwargs)
+    def load(cls, model: str, *, cache_dir: Path, device: str = "auto", dtype: str = "auto", **kwargs: Any) -> "Engine":
+        from claas.core.models import pick_device
+
+        torch_dtype = resolve_dtype(dtype, pick_device(device))
+        loaded = load_model(model, cache_dir, device, dtype=torch_dtype)
+        return cls(loaded, model_arg=model, cache_dir=cache_dir, device=device, dtype=dtype, **kwargs)
 
     @staticmethod
     def _collect_eos_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -191,16 +253,37 @@ class Engine:
             )
         if not looks_like_adapter_dir(path):
             raise NotFound(f"Loading lora {name} failed: No adapter found for {path}")
+        try:
+            self._slots.validate(path)  # also at sleep level 2, where nothing can be attached to check it
+        except AdapterLoadError as exc:
+            raise InternalError(f"Loading lora {name} failed: {exc}") from exc
+        if existing is not None and existing.internal in self._resident and self._copy_inplace(existing, path):
+            logger.info("Loaded LoRA adapter in place: name '%s', path '%s'", name, path)
+            return
         adapter = _Adapter(name, path, next(self._internal_names))
-        if self._sleep_level != 2:  # at level 2 there is no model: attach on first use after wake
+        if self._slots.model is not None:  # at level 2 there is no model: attach on first use after wake
             try:
                 self._make_resident(adapter)  # attach now, so a broken adapter is refused at load time
             except AdapterLoadError as exc:
-                raise BadRequest(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
+                raise InternalError(f"Loading lora {name} failed: {exc}") from exc
         self._adapters[name] = adapter
         if existing is not None:
             self._evict(existing.internal)
         logger.info("Loaded LoRA adapter: name '%s', path '%s'", name, path)
+
+    def _copy_inplace(self, adapter: _Adapter, path: str) -> bool:
+        """Copy the weights at `path` into the resident `adapter`; False when they need new modules instead."""
+        started = time.perf_counter()
+        try:
+            copied = self._slots.copy_inplace(adapter.internal, path)
+        except AdapterLoadError as exc:
+            self._evict(adapter.internal)  # never serve a possibly partial copy: re-read from its path on next use
+            raise InternalError(f"Loading lora {adapter.name} failed: {exc}") from exc
+        if copied:
+            adapter.path = path
+            self._resident.move_to_end(adapter.internal)
+            logger.info("in-place copy of %s took %.1f ms", adapter.name, (time.perf_counter() - started) * 1000)
+        return copied
 
     def _make_resident(self, adapter: _Adapter) -> None:
         """Attach `adapter` if it is not attached, detaching the least recently used beyond `max_loras`.
@@ -222,6 +305,9 @@ class Engine:
         self._slots.detach(internal)
 
     async def unload_adapter(self, name: str) -> None:
+        if not name:
+            message = "'lora_name' needs to be provided to unload a LoRA adapter."
+            raise BadRequest(message, param="lora_name", err_type="InvalidUserInput")
         await self._call(lambda: self._unload_adapter(name))
 
     def _unload_adapter(self, name: str) -> None:
@@ -235,7 +321,7 @@ class Engine:
 
     @property
     def is_sleeping(self) -> bool:
-        return self._sleep_level is not None
+        return bool(self._sleeping_tags)
 
     async def sleep(self, level: int) -> None:
         if level not in (1, 2):
@@ -244,13 +330,14 @@ class Engine:
         try:
             await self._call(lambda: self._sleep(level))
         except BaseException:
-            self._sleep_requested = self._sleep_level is not None
+            self._sleep_requested = bool(self._sleeping_tags)
             raise
 
     def _sleep(self, level: int) -> None:
         import torch
 
-        if self._sleep_level is not None:
+        if self._sleeping_tags:
+            logger.warning("Engine is already sleeping.")
             return
         if level == 1:
             if self.device.type == "cuda":
@@ -263,26 +350,47 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self._sleep_level = level
+        self._sleeping_tags = set(SLEEP_TAGS)
+        self.metrics.set_sleep_level(level)
         logger.info("engine asleep (level %d)", level)
 
-    async def wake_up(self) -> None:
-        await self._call(self._wake_up)
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self._call(lambda: self._wake_up(tags))
 
-    def _wake_up(self) -> None:
+    def _wake_up(self, tags: list[str] | None = None) -> None:
+        if not self._sleeping_tags:
+            logger.warning("Engine is not sleeping.")
+            self._sleep_requested = False
+            return
+        wanted = set(tags) if tags else set(self._sleeping_tags)
+        unknown = wanted - self._sleeping_tags
+        if unknown:  # vLLM's executor: a tag that is not asleep makes the whole call a logged no-op
+            logger.warning("Tags %s are not in sleeping tags %s", sorted(unknown), sorted(self._sleeping_tags))
+            return
+        if "weights" in wanted:
+            self._wake_weights()
+        self._sleeping_tags -= wanted
+        if self._sleeping_tags:
+            logger.info("engine partly awake; still sleeping: %s", sorted(self._sleeping_tags))
+            return
+        self._sleep_level = None
+        self._sleep_requested = False
+        self.metrics.set_sleep_level(None)
+        logger.info("engine awake")
+
+    def _wake_weights(self) -> None:
         if self._sleep_level == 1 and self.device.type == "cuda":
             self._slots.model.to(self.device)
         elif self._sleep_level == 2:
             if self._cache_dir is None:
                 raise InternalError("cannot wake from sleep level 2: the engine was built without a cache_dir")
-            loaded = load_model(self.model_arg, self._cache_dir, self._device_pref)
+            dtype = resolve_dtype(self._dtype_pref, self.device)
+            loaded = load_model(self.model_arg, self._cache_dir, self._device_pref, dtype=dtype)
             self._slots.reset(loaded.model)
             self._resident.clear()  # adapters are re-attached from their paths when next used
-        self._sleep_level = None
-        self._sleep_requested = False
-        logger.info("engine awake")
 
     def check_awake(self) -> None:
-        if self._sleep_level is not None or self._sleep_requested:
+        if self._sleeping_tags or self._sleep_requested:
             raise Unavailable(
                 "The model server is sleeping (POST /sleep was called); generation is unavailable until POST /wake_up.",
             )
@@ -314,9 +422,10 @@ class Engine:
             job.emit(_DONE)
             return
         metrics.running.inc()
-        metrics.queue_time.observe(time.monotonic() - job.submitted)
+        job.scheduled = time.monotonic()
+        metrics.queue_time.observe(job.scheduled - job.submitted)
         try:
-            if self._sleep_level is not None:
+            if self._sleeping_tags:
                 self.check_awake()
             adapter = self._adapters.get(job.inp.adapter) if job.inp.adapter is not None else None
             if job.inp.adapter is not None and adapter is None:
@@ -335,8 +444,17 @@ class Engine:
             logger.exception("generation failed")
             job.emit(InternalError(f"generation failed: {type(exc).__name__}: {exc}"))
         finally:
+            finished = time.monotonic()
             metrics.running.dec()
-            metrics.e2e.observe(time.monotonic() - job.submitted)
+            metrics.kv_cache_usage.set(0)
+            metrics.e2e.observe(finished - job.submitted)
+            metrics.inference_time.observe(finished - job.scheduled)
+            first = job.first_token if job.first_token is not None else finished
+            metrics.prefill_time.observe(first - job.scheduled)
+            metrics.decode_time.observe(finished - first)
+            metrics.request_preemptions.observe(0)
+            metrics.params_n.observe(job.inp.params.n)
+            metrics.params_max_tokens.observe(job.inp.params.max_tokens)
             job.emit(_DONE)
 
     def _generate(self, job: Job, lm: Any) -> None:
@@ -344,11 +462,14 @@ class Engine:
         prompt = job.inp.prompt_ids
         self.metrics.prompt_tokens.inc(len(prompt))
         self.metrics.request_prompt_tokens.observe(len(prompt))
+        self.metrics.prefix_cache_queries.inc(len(prompt))  # no prefix cache: every queried token misses
+        self.metrics.iteration_tokens.observe(len(prompt))
         cache, logits, prompt_lps = prefill(lm, prompt, self.device, params.prompt_logprobs)
         if prompt_lps is not None:
             job.emit(PromptLogprobs(prompt_lps))
         for index in range(params.n):
             if index > 0:
+                self.metrics.iteration_tokens.observe(len(prompt))
                 cache, logits, _ = prefill(lm, prompt, self.device, None)
             seed = None if params.seed is None else params.seed + index
             reason = decode_choice(self, lm, job, index, cache, logits, seed)

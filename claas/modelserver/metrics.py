@@ -5,6 +5,11 @@ Names follow `vllm/v1/metrics/loggers.py` (`vllm:num_requests_running`, `vllm:pr
 requests, as vLLM does) and `engine` ("0"). A gateway that drains on `vllm:num_requests_running` /
 `vllm:num_requests_waiting` works against either server.
 
+Values are honest for this engine: the KV cache is one sequence's DynamicCache, so `vllm:kv_cache_usage_perc` is the
+running sequence's length over max_model_len (0 when idle); there is no prefix cache (queries counted, hits always 0)
+and no preemption (always 0); `vllm:engine_sleep_state` has one sample per state (`awake`, `weights_offloaded` =
+level 1, `discard_all` = level 2), 1 for the current one.
+
 Not here: when the numbers change (engine.py) and the `/metrics` route (app.py).
 """
 
@@ -81,6 +86,8 @@ _ITL_BUCKETS = (
     80.0,
 )
 FINISH_REASONS = ("stop", "length", "abort")
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
+_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 def _token_buckets(max_model_len: int) -> list[int]:
@@ -98,7 +105,7 @@ def _token_buckets(max_model_len: int) -> list[int]:
 class ServerMetrics:
     """The vLLM metric families, pre-bound to this server's labels."""
 
-    def __init__(self, model_name: str, max_model_len: int) -> None:
+    def __init__(self, model_name: str, max_model_len: int, cache_dtype: str = "auto") -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name", "engine"]
         values = (model_name, "0")
@@ -165,6 +172,94 @@ class ServerMetrics:
             buckets=token_buckets,
             registry=r,
         ).labels(*values)
+
+        self.kv_cache_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, registry=r
+        ).labels(*values)
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            labels,
+            registry=r,
+        ).labels(*values)
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels, registry=r
+        ).labels(*values)
+        self.preemptions = Counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels, registry=r
+        ).labels(*values)
+        self.iteration_tokens = Histogram(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            labels,
+            buckets=_ITERATION_TOKEN_BUCKETS,
+            registry=r,
+        ).labels(*values)
+        self.params_n = Histogram(
+            "vllm:request_params_n",
+            "Histogram of the n request parameter.",
+            labels,
+            buckets=(1, 2, 5, 10, 20),
+            registry=r,
+        ).labels(*values)
+        self.params_max_tokens = Histogram(
+            "vllm:request_params_max_tokens",
+            "Histogram of the max_tokens request parameter.",
+            labels,
+            buckets=token_buckets,
+            registry=r,
+        ).labels(*values)
+        self.inference_time = Histogram(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(*values)
+        self.prefill_time = Histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(*values)
+        self.decode_time = Histogram(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(*values)
+        self.request_preemptions = Histogram(
+            "vllm:request_num_preemptions",
+            "Number of preemptions per finished request.",
+            labels,
+            buckets=(0, 1, 2, 5, 10, 20),
+            registry=r,
+        ).labels(*values)
+        cache_info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            ["engine", "cache_dtype", "enable_prefix_caching", "block_size", "num_gpu_blocks"],
+            registry=r,
+        )
+        # one sequence's cache at a time; a "block" here is the whole context
+        cache_info.labels("0", cache_dtype, "False", str(max_model_len), "1").set(1)
+        sleep = Gauge(
+            "vllm:engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; weights_offloaded = 1 means sleep level 1; "
+            "discard_all = 1 means sleep level 2.",
+            labels + ["sleep_state"],
+            registry=r,
+        )
+        self._sleep_state = {state: sleep.labels(*values, state) for state in SLEEP_STATES}
+        self.set_sleep_level(None)
+
+    def set_sleep_level(self, level: int | None) -> None:
+        """Awake (None), level 1 (weights kept/offloaded) or level 2 (everything discarded)."""
+        current = {None: "awake", 1: "weights_offloaded", 2: "discard_all"}[level]
+        for state, gauge in self._sleep_state.items():
+            gauge.set(1 if state == current else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,16 @@
 """Sampling parameters (validated like vLLM's `SamplingParams`) and the per-token sampling and logprob maths.
 
 `build_sampling_params` turns a chat or completion request into a frozen `SamplingParams`, raising `BadRequest` with
-vLLM's messages and the offending field as `param` for out-of-range values. `sample_token` draws the next token
-(greedy when temperature is 0; else temperature, top-k, top-p with a per-request `torch.Generator`).
-`position_logprobs` computes the *raw* logprobs vLLM reports by default (`logprobs_mode=raw_logprobs`: log-softmax of
-the unprocessed logits, before temperature/top-k/top-p).
+vLLM's messages and the offending field as `param` for out-of-range values. Fields the request omits come from the
+model's generation defaults (vLLM's `--generation-config auto`: temperature, top_p, top_k, min_p, repetition_penalty
+from the model's generation_config), then vLLM's neutral values.
+
+Per step, `LogitsAdjuster` applies what vLLM applies before sampling, in vLLM's order: min_tokens (EOS and stop ids
+banned), `logit_bias` (clamped to [-100, 100]), then repetition penalty (prompt and output tokens: positive logits
+divided, negative multiplied), frequency and presence penalties (output tokens only, OpenAI's definition).
+`sample_token` draws the next token from the adjusted logits (greedy when temperature is 0; else temperature, min-p,
+top-k, top-p with a per-request `torch.Generator`). `position_logprobs` computes the *raw* logprobs vLLM reports by
+default (`logprobs_mode=raw_logprobs`: log-softmax of the unprocessed logits, before any of the above).
 
 Not here: the decode loop (engine.py), response formatting (serving.py).
 """
@@ -12,8 +18,9 @@ Not here: the decode loop (engine.py), response formatting (serving.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from claas.modelserver.errors import BadRequest, too_many_logprobs
 
@@ -34,6 +41,11 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 (or -1) disables
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -48,6 +60,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+#: Sampling fields vLLM takes from a model's generation_config when a request omits them (`get_diff_sampling_param`).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
 
 def _unsupported(field: str) -> BadRequest:
     return BadRequest(f"`{field}` is not supported by the CLaaS model server.", param=field)
@@ -55,16 +75,6 @@ def _unsupported(field: str) -> BadRequest:
 
 def check_unsupported(req: "ChatCompletionRequest | CompletionRequest") -> None:
     """Refuse options that would change outputs but that this server does not implement (instead of ignoring them)."""
-    if req.frequency_penalty not in (None, 0.0):
-        raise _unsupported("frequency_penalty")
-    if req.presence_penalty not in (None, 0.0):
-        raise _unsupported("presence_penalty")
-    if req.repetition_penalty not in (None, 1.0):
-        raise _unsupported("repetition_penalty")
-    if req.min_p not in (None, 0.0):
-        raise _unsupported("min_p")
-    if req.logit_bias:
-        raise _unsupported("logit_bias")
     if req.use_beam_search:
         raise _unsupported("use_beam_search")
     if req.response_format and req.response_format.get("type", "text") != "text":
@@ -84,6 +94,37 @@ def _check_logprobs_count(value: int | None, *, kind: str, param: str, vocab_siz
     return requested
 
 
+def _out_of_vocab(ids: list[int], field: str, vocab_size: int) -> BadRequest:
+    # vLLM's SamplingParams._validate_stop_token_ids / _validate_logit_bias wording
+    return BadRequest(
+        f"token_id(s) {ids} in {field} contain out-of-vocab token ids. Vocabulary size: {vocab_size}", param=field
+    )
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    if not raw:
+        return ()
+    bad_keys, parsed = [], {}
+    for key, bias in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            bad_keys.append(key)
+            continue
+        if not math.isfinite(bias):
+            raise BadRequest(f"logit_bias for token {key} must be a finite number, got {bias}.", param="logit_bias")
+        parsed[token] = min(100.0, max(-100.0, bias))
+    if bad_keys:
+        raise BadRequest(
+            f"logit_bias contains key(s) that cannot be converted to integer token IDs: {bad_keys!r}",
+            param="logit_bias",
+        )
+    invalid = [t for t in parsed if t < 0 or t >= vocab_size]
+    if invalid:
+        raise _out_of_vocab(invalid, "logit_bias", vocab_size)
+    return tuple(parsed.items())
+
+
 def build_sampling_params(
     req: "ChatCompletionRequest | CompletionRequest",
     *,
@@ -92,26 +133,48 @@ def build_sampling_params(
     logprobs: int | None,
     logprobs_param: str,
     vocab_size: int,
+    defaults: Mapping[str, Any] | None = None,
 ) -> SamplingParams:
-    """Validate the sampling fields shared by chat and completions (messages as in vLLM's `_verify_args`)."""
+    """Validate the sampling fields shared by chat and completions (messages as in vLLM's `_verify_args`).
+
+    `defaults` are the model's generation defaults for fields the request leaves out (vLLM's generation_config)."""
+    defaults = defaults or {}
+
+    def pick(value: Any, name: str, neutral: Any) -> Any:
+        return value if value is not None else defaults.get(name, neutral)
+
     n = 1 if req.n is None else req.n
     if n < 1:
         raise BadRequest(f"n must be at least 1, got {n}.", param="n")
     if n > MAX_N:
         raise BadRequest(f"n must be at most {MAX_N}, got {n}.", param="n")
-    temperature = 1.0 if req.temperature is None else req.temperature
+    temperature = float(pick(req.temperature, "temperature", 1.0))
     if not math.isfinite(temperature):
         raise BadRequest(f"temperature must be a finite number, got {temperature}.", param="temperature")
     if temperature < 0.0:
         raise BadRequest(f"temperature must be non-negative, got {temperature}.", param="temperature")
     if temperature > 2.0:
         raise BadRequest(f"temperature must be in [0, 2], got {temperature}.", param="temperature")
-    top_p = 1.0 if req.top_p is None else req.top_p
+    top_p = float(pick(req.top_p, "top_p", 1.0))
     if not 0.0 < top_p <= 1.0:
         raise BadRequest(f"top_p must be in (0, 1], got {top_p}.", param="top_p")
-    top_k = 0 if req.top_k is None else req.top_k
+    top_k = int(pick(req.top_k, "top_k", 0))
     if top_k < -1:
         raise BadRequest(f"top_k must be 0 (disable), or at least 1, got {top_k}.", param="top_k")
+    min_p = float(pick(req.min_p, "min_p", 0.0))
+    if not 0.0 <= min_p <= 1.0:
+        raise BadRequest(f"min_p must be in [0, 1], got {min_p}.", param="min_p")
+    presence = 0.0 if req.presence_penalty is None else req.presence_penalty
+    if not -2.0 <= presence <= 2.0:
+        raise BadRequest(f"presence_penalty must be in [-2, 2], got {presence}.", param="presence_penalty")
+    frequency = 0.0 if req.frequency_penalty is None else req.frequency_penalty
+    if not -2.0 <= frequency <= 2.0:
+        raise BadRequest(f"frequency_penalty must be in [-2, 2], got {frequency}.", param="frequency_penalty")
+    repetition = float(pick(req.repetition_penalty, "repetition_penalty", 1.0))
+    if not math.isfinite(repetition):
+        raise BadRequest(f"repetition_penalty must be a finite number, got {repetition}.", param="repetition_penalty")
+    if repetition <= 0.0:
+        raise BadRequest(f"repetition_penalty must be greater than zero, got {repetition}.", param="repetition_penalty")
     if max_tokens < 1:
         raise BadRequest(f"{max_tokens_param} must be at least 1, got {max_tokens}.", param=max_tokens_param)
     if req.min_tokens < 0:
@@ -125,8 +188,10 @@ def build_sampling_params(
     if any(not s for s in stop):
         raise BadRequest("stop cannot contain an empty string.", param="stop")
     stop_token_ids = tuple(dict.fromkeys(req.stop_token_ids or ()))
-    if any(t < 0 or t >= vocab_size for t in stop_token_ids):
-        raise BadRequest(f"stop_token_ids must be token ids in [0, {vocab_size}).", param="stop_token_ids")
+    invalid_stop = [t for t in stop_token_ids if t < 0 or t >= vocab_size]
+    if invalid_stop:
+        raise _out_of_vocab(invalid_stop, "stop_token_ids", vocab_size)
+    logit_bias = _logit_bias(req.logit_bias, vocab_size)
     if req.prompt_logprobs is not None and req.stream:
         raise BadRequest("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
     top = _check_logprobs_count(logprobs, kind="sample", param=logprobs_param, vocab_size=vocab_size)
@@ -136,12 +201,19 @@ def build_sampling_params(
     seed = None if req.seed in (None, -1) else req.seed
     if seed is not None and not -(2**63) <= seed < 2**63:
         raise BadRequest(f"seed must fit in a signed 64-bit integer, got {seed}.", param="seed")
+    greedy = temperature < _GREEDY_EPS
     params = SamplingParams(
         n=n,
         max_tokens=max_tokens,
         temperature=temperature,
-        top_p=top_p,
-        top_k=max(top_k, 0),
+        # vLLM: zero temperature means greedy sampling, and top-p/top-k/min-p are reset
+        top_p=1.0 if greedy else top_p,
+        top_k=0 if greedy else max(top_k, 0),
+        min_p=0.0 if greedy else min_p,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
+        logit_bias=logit_bias,
         seed=seed,
         stop=stop,
         stop_token_ids=stop_token_ids,
@@ -157,6 +229,60 @@ def build_sampling_params(
     return params
 
 
+class LogitsAdjuster:
+    """Per-choice logits processing before sampling (min_tokens, logit_bias, penalties), in vLLM's order.
+
+    Keeps the output-token counts the penalties need; `observe(token)` after every sampled token. Returns the raw
+    logits untouched when nothing applies, so the plain path costs nothing."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], banned: "torch.Tensor", vocab_width: int) -> None:
+        import torch
+
+        self._params = params
+        self._banned = banned
+        device = banned.device
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            self._bias = (
+                torch.tensor(ids, dtype=torch.long, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
+        self._counts: torch.Tensor | None = None
+        self._seen: torch.Tensor | None = None  # prompt or output token (repetition penalty)
+        if params.penalized:
+            self._counts = torch.zeros(vocab_width, dtype=torch.float32, device=device)
+            self._seen = torch.zeros(vocab_width, dtype=torch.bool, device=device)
+            prompt = torch.tensor([t for t in prompt_ids if t < vocab_width], dtype=torch.long, device=device)
+            self._seen[prompt] = True
+
+    def __call__(self, logits: "torch.Tensor", step: int) -> "torch.Tensor":
+        import torch
+
+        params = self._params
+        if step >= params.min_tokens and self._bias is None and self._counts is None:
+            return logits
+        scores = logits.float().clone()
+        if step < params.min_tokens:
+            scores.index_fill_(0, self._banned, float("-inf"))
+        if self._bias is not None:
+            scores.index_add_(0, self._bias[0], self._bias[1])
+        if self._counts is not None and self._seen is not None:
+            if params.repetition_penalty != 1.0:
+                penalized = torch.where(
+                    scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty
+                )
+                scores = torch.where(self._seen, penalized, scores)
+            scores -= params.frequency_penalty * self._counts
+            scores -= params.presence_penalty * (self._counts > 0).float()
+        return scores
+
+    def observe(self, token: int) -> None:
+        if self._counts is not None and self._seen is not None and token < self._counts.numel():
+            self._counts[token] += 1
+            self._seen[token] = True
+
+
 def make_generator(seed: int | None, device: "torch.device") -> "torch.Generator":
     import random
 
@@ -168,12 +294,15 @@ def make_generator(seed: int | None, device: "torch.device") -> "torch.Generator
 
 
 def sample_token(logits: "torch.Tensor", params: SamplingParams, generator: "torch.Generator | None") -> int:
-    """Next token from one row of logits [V]: greedy, or temperature → top-k → top-p → multinomial."""
+    """Next token from one row of logits [V]: greedy, or temperature → min-p → top-k → top-p → multinomial."""
     import torch
 
     if params.greedy:
         return int(torch.argmax(logits))
     scores = logits.float() / params.temperature  # [V]
+    if params.min_p > 0.0:
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

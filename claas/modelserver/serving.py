@@ -105,6 +105,8 @@ async def chat_completion(
     requested, param = req.requested_max_tokens
     prompts.check_context(engine, len(ids), requested, param)
     max_tokens = requested if requested is not None else engine.max_model_len - len(ids)
+    if requested is None and "max_new_tokens" in engine.generation_defaults:  # vLLM: generation_config caps it
+        max_tokens = min(max_tokens, int(engine.generation_defaults["max_new_tokens"]))
     params = build_sampling_params(
         req,
         max_tokens=max_tokens,
@@ -112,6 +114,7 @@ async def chat_completion(
         logprobs=top if req.logprobs else None,
         logprobs_param="top_logprobs",
         vocab_size=engine.vocab_size,
+        defaults=engine.generation_defaults,
     )
     role = "assistant" if req.add_generation_prompt else req.messages[-1].role
     echo_prefix = ""
@@ -275,6 +278,7 @@ async def completion(
         logprobs=req.logprobs,
         logprobs_param="logprobs",
         vocab_size=engine.vocab_size,
+        defaults=engine.generation_defaults,
     )
     if req.echo and params.prompt_logprobs is None and params.logprobs is not None:
         from dataclasses import replace
@@ -347,6 +351,7 @@ async def _completion_stream(
 ) -> AsyncIterator[str]:
     base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model_name}
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
     n = req.n or 1
     top = req.logprobs
     total_generated = 0
@@ -355,6 +360,7 @@ async def _completion_stream(
             pending = [first] if p == 0 and first is not None else []
             started = [False] * n
             offsets = [0] * n
+            generated = [0] * n
             prompt_lps: list | None = None
             async for event in _chain(pending, handle):
                 if isinstance(event, PromptLogprobs):
@@ -384,7 +390,11 @@ async def _completion_stream(
                     choice["token_ids"] = event.token_ids
                 started[i] = True
                 offsets[i] += len(out_text)
-                yield sse({**base, "choices": [choice]})
+                chunk: dict[str, Any] = {**base, "choices": [choice]}
+                if continuous:  # vLLM: this prompt's tokens and what this choice has generated so far
+                    generated[i] += len(event.token_ids)
+                    chunk["usage"] = usage(len(ids), generated[i])
+                yield sse(chunk)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(sum(len(ids) for ids, _ in items), total_generated)})
     except Exception as exc:

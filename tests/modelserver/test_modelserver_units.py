@@ -1,4 +1,5 @@
-"""Pure parts of the model server: stop strings, incremental detokenization, sampling params and sampling, auth."""
+"""Pure parts of the model server: stop strings, incremental detokenization, sampling params, logits processing
+(bias, penalties), sampling, auth."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def _chat(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **fields)
 
 
-def _params(req, max_tokens: int = 8, logprobs: int | None = None) -> SamplingParams:
+def _params(req, max_tokens: int = 8, logprobs: int | None = None, defaults: dict | None = None) -> SamplingParams:
     return build_sampling_params(
         req,
         max_tokens=max_tokens,
@@ -86,6 +87,7 @@ def _params(req, max_tokens: int = 8, logprobs: int | None = None) -> SamplingPa
         logprobs=logprobs,
         logprobs_param="logprobs",
         vocab_size=49152,
+        defaults=defaults,
     )
 
 
@@ -101,6 +103,12 @@ def _params(req, max_tokens: int = 8, logprobs: int | None = None) -> SamplingPa
         ({"min_tokens": 9}, "min_tokens"),
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop_token_ids": [49152]}, "stop_token_ids"),
+        ({"logit_bias": {"49152": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
         ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ],
@@ -118,6 +126,51 @@ def test_sampling_defaults_and_logprob_cap():
         _params(CompletionRequest(prompt="x"), logprobs=21)
     with pytest.raises(BadRequest, match="max_tokens must be at least 1"):
         _params(CompletionRequest(prompt="x"), max_tokens=0)
+
+
+def test_out_of_vocab_ids_are_named_in_the_message():
+    with pytest.raises(BadRequest, match=r"token_id\(s\) \[49152, 60000\] in stop_token_ids"):
+        _params(_chat(stop_token_ids=[3, 49152, 60000]))
+    with pytest.raises(BadRequest, match=r"token_id\(s\) \[-1\] in logit_bias contain out-of-vocab"):
+        _params(_chat(logit_bias={"-1": 2.0, "5": 1.0}))
+
+
+def test_logit_bias_is_clamped_and_penalties_kept():
+    params = _params(_chat(logit_bias={"7": 500.0, "8": -3.0}, presence_penalty=0.5, repetition_penalty=1.2))
+    assert params.logit_bias == ((7, 100.0), (8, -3.0))
+    assert params.presence_penalty == 0.5 and params.repetition_penalty == 1.2 and params.penalized
+
+
+def test_generation_defaults_fill_only_omitted_fields():
+    defaults = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
+    omitted = _params(_chat(), defaults=defaults)
+    assert (omitted.temperature, omitted.top_p, omitted.repetition_penalty) == (0.2, 0.9, 1.1)
+    explicit = _params(_chat(temperature=0.7, top_p=0.5, repetition_penalty=1.0), defaults=defaults)
+    assert (explicit.temperature, explicit.top_p, explicit.repetition_penalty) == (0.7, 0.5, 1.0)
+    greedy = _params(_chat(temperature=0), defaults=defaults)
+    assert greedy.greedy and greedy.top_p == 1.0  # vLLM resets top-p/top-k/min-p for greedy
+
+
+def test_logits_adjuster_matches_vllm_penalty_definitions():
+    import torch
+
+    from claas.modelserver.sampling import LogitsAdjuster
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    banned = torch.tensor([3])
+    plain = LogitsAdjuster(SamplingParams(), [0], banned, 4)
+    assert plain(logits, 0) is logits  # nothing to do: the raw tensor, untouched
+    rep = LogitsAdjuster(SamplingParams(repetition_penalty=2.0), [0, 1], banned, 4)
+    assert rep(logits, 0).tolist() == [1.0, -2.0, 0.5, 3.0]  # prompt tokens: positive / 2, negative * 2
+    freq = LogitsAdjuster(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), [0], banned, 4)
+    freq.observe(2)
+    freq.observe(2)
+    assert freq(logits, 0).tolist() == [2.0, -1.0, 0.5 - 1.0 - 0.25, 3.0]  # output counts only, not the prompt
+    bias = LogitsAdjuster(SamplingParams(logit_bias=((1, 10.0),), min_tokens=1), [0], banned, 4)
+    out = bias(logits, 0)
+    assert out[1] == 9.0 and out[3] == float("-inf")  # bias added; min_tokens bans EOS/stop ids at step 0
+    assert bias(logits, 1)[3] == 3.0
+    assert logits.tolist() == [2.0, -1.0, 0.5, 3.0]  # the raw logits (reported as logprobs) stay unprocessed
 
 
 def test_sample_token_greedy_top_k_and_seed():
