@@ -14,6 +14,7 @@ Not here: HTTP framing (claas.routes.inference), the HTTP client (claas.inferenc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -93,16 +94,17 @@ class InferenceProxy:
         self, request: ChatCompletionRequest | CompletionRequest, scope: AuthScope, *, strip_thinking: bool, chat: bool
     ) -> JsonReply | StreamReply:
         await self._check_access(scope, request.model)
-        await self._wait_awake()
         payload = request.to_upstream_payload()
         want = request.reply_options(strip_thinking=strip_thinking)
         if request.stream:
             stream = self.inference.stream_chat_completions if chat else self.inference.stream_completions
-            first, chunks = await self._open_stream(stream, payload, request.model)
+            async with self._admitted():  # until the first chunk: then the server counts the stream as running
+                first, chunks = await self._open_stream(stream, payload, request.model)
             relay = self._relay(first, chunks, request, want, chat=chat, owner=scope.prefix)
             return StreamReply(relay, first.get("id") if first else None)
         call = self.inference.chat_completions if chat else self.inference.completions
-        response = await self._retry_on_unknown_adapter(request.model, lambda: call(payload))
+        async with self._admitted():
+            response = await self._retry_on_unknown_adapter(request.model, lambda: call(payload))
         self._cache_reply(response, request, want, chat=chat, owner=scope.prefix)
         shape_reply(response, want, chat=chat)
         return JsonReply(response, response.get("id"))
@@ -117,7 +119,6 @@ class InferenceProxy:
         """Logprob of each token of `completion` after `messages` rendered with the chat template (generation
         prompt added), read from the server's `prompt_logprobs` of the concatenated token ids."""
         await self._check_access(scope, request.model)
-        await self._wait_awake()
 
         async def run() -> tuple[list[int], list[int], dict[str, Any]]:
             prompt_ids = await self.inference.tokenize_messages(
@@ -135,7 +136,8 @@ class InferenceProxy:
             }
             return prompt_ids, completion_ids, await self.inference.completions(body)
 
-        prompt_ids, completion_ids, response = await self._retry_on_unknown_adapter(request.model, run)
+        async with self._admitted():
+            prompt_ids, completion_ids, response = await self._retry_on_unknown_adapter(request.model, run)
         positions = (response.get("choices") or [{}])[0].get("prompt_logprobs") or []
         tokens: list[str] = []
         logprobs: list[float] = []
@@ -173,10 +175,12 @@ class InferenceProxy:
             return
         scope.require(model, param="model")
 
-    async def _wait_awake(self) -> None:
-        """While a training step holds the server asleep, wait for its wake (bounded), instead of failing."""
-        if self.sleep is not None:
-            await self.sleep.wait_awake(self.sleep_wait_s)
+    def _admitted(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """While a training step holds the server asleep, wait for its wake (bounded) instead of failing; then
+        count the request as in transit, so a step starting meanwhile drains it instead of sleeping under it."""
+        if self.sleep is None:
+            return contextlib.nullcontext()
+        return self.sleep.admitted(self.sleep_wait_s)
 
     async def _retry_on_unknown_adapter(self, model: str | None, call: Callable[[], Awaitable[T]]) -> T:
         try:
