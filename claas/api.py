@@ -35,6 +35,7 @@ from claas.inference.base import InferenceBackend
 from claas.inference.cache import CompletionCache
 from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
+from claas.logs import RequestIdMiddleware
 from claas.observability import Metrics, MetricsMiddleware, metrics_endpoint
 from claas.routes import feedback as feedback_routes
 from claas.routes import health as health_routes
@@ -112,6 +113,7 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
     # add_middleware puts each new middleware outside the previous: metrics see the 413s too.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every line logged for a request carries its id
     return app
 
 

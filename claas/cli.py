@@ -7,6 +7,7 @@ they never touch storage directly, so they work the same against a local or a re
 from __future__ import annotations
 
 import json
+import logging.config
 import os
 import signal
 import subprocess
@@ -62,8 +63,12 @@ def api(host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> N
     import uvicorn
 
     from claas.api import build_app
+    from claas.logs import log_config
 
-    uvicorn.run(build_app(get_settings()), host=host, port=port, log_level=log_level)
+    settings = get_settings()
+    config = log_config(log_level, settings.log_format)
+    logging.config.dictConfig(config)  # before the app is built, so its start-up lines are formatted too
+    uvicorn.run(build_app(settings), host=host, port=port, log_level=log_level, log_config=config)
 
 
 def _fail(message: str) -> int:

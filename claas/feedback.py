@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +42,7 @@ from claas.inference.helpers import normalize_text, text_key
 from claas.inference.proxy import served_base_models
 from claas.inference.sleep import SleepCoordinator
 from claas.inference.vllm import VllmClient
+from claas.logs import current_request_id, new_request_id
 from claas.lora_locks import LoraLocks
 from claas.observability import Metrics
 from claas.training.engine.base import TrainingEngine
@@ -212,7 +212,8 @@ async def run_feedback(
     started = time.perf_counter()
     lora_id = validate_lora_id(items[0].lora_id)
     _check_one_training(items)
-    tx = Transaction(request_id=uuid.uuid4().hex, lora_id=lora_id)
+    # The HTTP request's id (its X-Request-ID): the response, the feedback log record and every log line share it.
+    tx = Transaction(request_id=current_request_id() or new_request_id(), lora_id=lora_id)
     training = training_config_for(services.settings.base_model, items[0].training)
     metrics = services.metrics
     result: dict[str, Any] | None = None
@@ -243,6 +244,8 @@ async def run_feedback(
         status = "ok" if failure is None else "saved_not_served" if isinstance(failure, ServingStaleError) else "error"
         metrics.feedback_total.labels(status=status).inc()
         log_path = _write_log(services.settings.feedback_log_dir, tx, items, examples, result, failure)
+        logger.info("feedback %s on %s: %s in %.0f ms (step %s)", tx.request_id, lora_id, status,
+                    tx.timing_ms["total"], (result or {}).get("step"))
     return {
         "status": "ok",
         "request_id": tx.request_id,

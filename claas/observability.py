@@ -2,9 +2,10 @@
 
 Each app gets its own `CollectorRegistry` (no global state: two apps in one test process do not collide).
 `Metrics` is stored on `app.state.metrics` and reached through `MetricsDep`; the feedback transaction observes
-`feedback_phase_seconds`, `lock_wait_seconds` and `feedback_total`.
+`feedback_phase_seconds`, `lock_wait_seconds` and `feedback_total`; gauges of the cache, the sleep state and the
+adapter locks are read when `/metrics` is scraped.
 
-Not here: the feedback JSON log (claas.feedback) or tracing.
+Not here: the feedback JSON log (claas.feedback), request ids and log lines (claas.logs), tracing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class Metrics:
     feedback_phase_seconds: Histogram  # labels: phase (lock_wait, sleep, distill, save, reload, wake, total, ...)
     lock_wait_seconds: Histogram
     feedback_total: Counter  # labels: status (ok, error, conflict, ...)
+    cache_bytes: Gauge
+    inference_sleeping: Gauge  # 1 while a training step holds the inference server asleep
+    sleep_holders: Gauge  # training steps that hold it asleep now
+    lock_waiters: Gauge  # adapters whose lock someone in this process holds or waits for
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -72,6 +77,21 @@ class Metrics:
                 registry=reg,
             ),
             feedback_total=Counter("claas_feedback", "Feedback requests by outcome.", ["status"], registry=reg),
+            cache_bytes=Gauge(
+                "claas_completion_cache_bytes", "Estimated bytes held by the completion cache.", registry=reg
+            ),
+            inference_sleeping=Gauge(
+                "claas_inference_sleeping",
+                "1 while a training step holds the inference server asleep (from the drain until the wake).",
+                registry=reg,
+            ),
+            sleep_holders=Gauge(
+                "claas_inference_sleep_holders", "Training steps holding the inference server asleep.", registry=reg
+            ),
+            lock_waiters=Gauge(
+                "claas_lora_locks_in_use", "Adapters whose lock a request of this process holds or waits for.",
+                registry=reg,
+            ),
         )
 
     def record_cache_lookup(self, hit: bool) -> None:
@@ -110,8 +130,17 @@ class MetricsMiddleware:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    metrics: Metrics = request.app.state.metrics
-    cache = getattr(request.app.state, "cache", None)
+    """Prometheus text; gauges of state held elsewhere (cache, sleep coordinator, locks) are read at scrape time."""
+    state = request.app.state
+    metrics: Metrics = state.metrics
+    cache = getattr(state, "cache", None)
     if cache is not None:
         metrics.cache_entries.set(len(cache))
+        metrics.cache_bytes.set(cache.bytes)
+    sleep = getattr(state, "sleep", None)
+    if sleep is not None:
+        metrics.inference_sleeping.set(1 if sleep.sleeping else 0)
+        metrics.sleep_holders.set(sleep.holders)
+    locks = getattr(state, "lora_locks", None)
+    metrics.lock_waiters.set(len(locks) if locks is not None else 0)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     sleep_wait_timeout_s: float = Field(
         120.0, gt=0, description="How long an inference request waits for a server asleep for a step before 503."
     )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`claas api` log lines: one JSON object per line, or text; both carry the request id."
+    )
     max_training_tokens: int = Field(
         4096,
         ge=16,
