@@ -41,6 +41,7 @@ from claas.inference.cache import CachedCompletion, CompletionCache
 from claas.inference.helpers import normalize_text, text_key
 from claas.inference.proxy import served_base_models
 from claas.inference.sleep import SleepCoordinator
+from claas.inference.turns import served_answer_candidates, user_turn_matches
 from claas.inference.vllm import VllmClient
 from claas.logs import current_request_id, new_request_id
 from claas.lora_locks import LoraLocks
@@ -86,16 +87,17 @@ def _system_text(messages: list[dict[str, Any]]) -> str | None:
 
 
 def _same_conversation(item: FeedbackItem, entry: CachedCompletion) -> bool:
-    """The feedback's prompt is the cached request's: the exact (normalized) last user turn, and the system prompt
-    too when the feedback gives one. No substring matching: "hi" is not "Summarise this...", and a prompt without a
-    user turn matches only a request without one."""
+    """The feedback's prompt is the cached request's: the last user turn (normalized, or the words a chat client
+    wrapped in an envelope, `claas.inference.turns`), and the system prompt too when the feedback gives one. No
+    substring matching: "hi" is not "Summarise this...", and a prompt without a user turn matches only a request
+    without one."""
     if isinstance(item.prompt, str):
         prompt_text, system = item.prompt, item.system_prompt
     else:
         prompt_text, system = last_user_text(item.prompt), _system_text(item.prompt)
         if item.system_prompt is not None:
             system = item.system_prompt
-    if normalize_text(prompt_text) != normalize_text(last_user_text(entry.messages)):
+    if not user_turn_matches(prompt_text, last_user_text(entry.messages)):
         return False
     if system is not None:
         cached_system = _system_text(entry.messages)
@@ -132,7 +134,8 @@ async def _cached_for(
                 f"completion {item.completion_id!r} was served by {entry.model!r}, not by {item.lora_id!r}",
                 param="completion_id",
             )
-        if text_key(item.response) not in (text_key(entry.response_text), text_key(entry.visible_text)):
+        served = (text_key(entry.response_text), text_key(entry.visible_text))
+        if not any(text_key(text) in served for text in served_answer_candidates(item.response)):
             raise UnprocessableError(
                 f"response differs from the text of completion {item.completion_id!r}; send the served answer "
                 "or leave out completion_id to train on the text as sent",
@@ -143,13 +146,15 @@ async def _cached_for(
                 f"prompt differs from the conversation of completion {item.completion_id!r}", param="prompt"
             )
         return entry
-    candidates = [entry for entry in cache.candidates(item.response) if _same_conversation(item, entry)]
-    for entry in candidates:  # most recent first; this adapter's own completions before base-model ones
-        if entry.model == item.lora_id:
-            return cache.hit(entry)
-    for entry in candidates:
-        if await _usable(entry, item.lora_id, scope, engine):
-            return cache.hit(entry)
+    # The shown answer, else the shown answer without trailing paragraphs a client appended (longest first).
+    for shown in served_answer_candidates(item.response):
+        candidates = [entry for entry in cache.candidates(shown) if _same_conversation(item, entry)]
+        for entry in candidates:  # most recent first; this adapter's own completions before base-model ones
+            if entry.model == item.lora_id:
+                return cache.hit(entry)
+        for entry in candidates:
+            if await _usable(entry, item.lora_id, scope, engine):
+                return cache.hit(entry)
     return cache.hit(None)
 
 
