@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -56,6 +57,7 @@ OPTIMIZER_FILE = "optimizer_state.pt"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 TRAINING_STATE_FILES = frozenset({OPTIMIZER_FILE})  # left out of exports: training state, not the adapter
+_TEMP_LINK = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")  # what `_link` names a new link before the swap
 STALE_TMP_SECONDS = 3600.0  # a temp snapshot this old is a crash leftover, not a save in progress
 
 
@@ -177,13 +179,17 @@ _LOCKS_GUARD = threading.Lock()
 class LoraStore:
     """Adapters under ``root``; see the module docstring for the layout and the guarantees."""
 
-    def __init__(self, root: Path, *, lock_timeout: float = 60.0, superseded_grace_s: float = 120.0) -> None:
+    def __init__(
+        self, root: Path, *, lock_timeout: float = 60.0, superseded_grace_s: float = 120.0, recover: bool = True
+    ) -> None:
         self.root = Path(root).absolute()
         self.lock_timeout = lock_timeout  # how long create/save/delete wait for a lock nobody in this process holds
         # A superseded snapshot outlives its replacement by this long, so a reader that resolved the link before
         # a burst of saves (an export being zipped, an inference server loading the adapter) can finish.
         self.superseded_grace_s = superseded_grace_s
         self.root.mkdir(parents=True, exist_ok=True)
+        if recover:
+            self.recover()
 
     # ------------------------------------------------------------------ reading
     def adapter_path(self, lora_id: str) -> Path:
@@ -325,6 +331,68 @@ class LoraStore:
         """
         base, _ = split_version(validate_lora_id(lora_id, allow_version=True))
         return self._acquire(base, timeout, by_caller=True)
+
+    def recover(self) -> int:
+        """Remove what saves killed midway left behind: temp snapshot dirs, snapshots that were never linked (a
+        crash between the rename and the link swap) and temp links. Only for adapters whose lock is free at once
+        (a live writer's work in progress is left alone). Runs at start (``recover=True``); returns the number of
+        leftovers removed. The public links need no repair: a crash leaves each at the old or the new snapshot."""
+        removed = 0
+        snapshots_root = self.root / ".snapshots"
+        if snapshots_root.is_dir():
+            for snapshots in sorted(snapshots_root.iterdir()):
+                lora_id = snapshots.name.replace("%2F", "/")
+                removed += self._recover_one(lora_id, lambda: self._snapshot_leftovers(lora_id, snapshots))
+        for link in self._temp_links(self.root, ()):
+            lora_id = link[1]
+            removed += self._recover_one(lora_id, lambda: [link[0]] if link[0].is_symlink() else [])
+        if removed:
+            logger.info("removed %d leftovers of interrupted saves under %s", removed, self.root)
+        return removed
+
+    def _recover_one(self, lora_id: str, leftovers: Callable[[], builtins.list[Path]]) -> int:
+        try:
+            base, _ = split_version(validate_lora_id(lora_id, allow_version=True))
+        except InvalidLoraIdError:
+            return 0
+        try:
+            with self._acquire(base, 0, by_caller=False):
+                doomed = leftovers()
+                for path in doomed:
+                    if path.is_symlink() or not path.is_dir():
+                        path.unlink(missing_ok=True)
+                    else:
+                        shutil.rmtree(path, ignore_errors=True)
+                return len(doomed)
+        except LoraLockTimeoutError:  # a writer is at work on it now
+            return 0
+
+    def _snapshot_leftovers(self, lora_id: str, snapshots: Path) -> builtins.list[Path]:
+        public = self._public(lora_id)
+        current = Path(os.path.realpath(public)) if public.is_symlink() else None
+        linked = current.name if current is not None and current.parent == snapshots else None
+        linked_seq = int(linked.split("-")[0]) if linked is not None else 0
+        doomed = []
+        for child in snapshots.iterdir():
+            if child.name.startswith(".tmp-"):
+                doomed.append(child)
+            elif child.name[:1].isdigit() and child.name != linked and int(child.name.split("-")[0]) > linked_seq:
+                doomed.append(child)  # renamed into place, never linked: the save did not happen
+        if linked is None and len(doomed) == sum(1 for _ in snapshots.iterdir()):
+            doomed.append(snapshots)  # an adapter whose creation never completed: nothing of it is left
+        return doomed
+
+    def _temp_links(self, directory: Path, segments: tuple[str, ...]) -> Iterator[tuple[Path, str]]:
+        """Temp links (``.<name>.<hex8>.tmp``) that a link swap killed midway left, with the id they were for."""
+        for entry in os.scandir(directory):
+            if entry.name in (".snapshots", ".locks"):
+                continue
+            match = _TEMP_LINK.fullmatch(entry.name)
+            if match is not None and entry.is_symlink():
+                yield Path(entry.path), "/".join((*segments, match.group(1)))
+            elif entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                if len(segments) + 1 < MAX_SEGMENTS:
+                    yield from self._temp_links(Path(entry.path), (*segments, entry.name))
 
     # ------------------------------------------------------------------ internals
     def _public(self, lora_id: str) -> Path:
