@@ -57,7 +57,10 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
         inference = VllmClient(
-            settings.vllm_base_url, api_key=secret(settings.vllm_api_key), timeout_s=settings.vllm_timeout_s
+            settings.vllm_base_url,
+            api_key=secret(settings.vllm_api_key),
+            timeout_s=settings.vllm_timeout_s,
+            inplace_reload=settings.vllm_inplace_reload,
         )
         training = engine
         waking: asyncio.Task[None] | None = None

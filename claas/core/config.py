@@ -38,6 +38,12 @@ class Settings(BaseSettings):
         None, description="Bearer key sent to the inference server, if it needs one."
     )
     vllm_timeout_s: float = Field(300.0, gt=0, description="Timeout for one request to the inference server.")
+    vllm_inplace_reload: bool = Field(
+        True,
+        description="Swap a trained adapter with vLLM's load_inplace (no unload window; milliseconds on the model "
+        "server). Set false for a vLLM with prefix caching that lacks the fix for vllm#42125 (stale cached blocks "
+        "after a same-name reload): the reload then unloads and loads under a fresh adapter id.",
+    )
 
     # Training
     training_engine: Literal["local", "modal", "tinker"] = Field("local", description="Which engine runs SDPO steps.")

@@ -43,8 +43,10 @@ class VllmClient:
         api_key: str | None = None,
         timeout_s: float = 300.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        inplace_reload: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.inplace_reload = inplace_reload
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
@@ -105,7 +107,16 @@ class VllmClient:
                 raise
 
     async def reload_lora_adapter(self, name: str, path: str) -> None:
-        """Unload (if loaded) then load: the server gives the adapter a fresh id, so no stale prefix-cache blocks."""
+        """Serve the adapter at `path` under `name`, loaded or not.
+
+        In place (vLLM's `load_inplace`, the default): one call, the name never stops being served, and the model
+        server copies the new weights into the resident adapter between two requests. Otherwise unload (if loaded)
+        then load, which gives the adapter a fresh id on vLLM (no stale prefix-cache blocks, vllm#42125) but leaves a
+        window in which a request for `name` gets 404."""
+        if self.inplace_reload:
+            body = {"lora_name": name, "lora_path": path, "load_inplace": True}
+            await self._request("POST", "/v1/load_lora_adapter", json=body)
+            return
         await self.unload_lora_adapter(name, missing_ok=True)
         await self.load_lora_adapter(name, path)
 

@@ -412,16 +412,22 @@ def test_adapter_calls_accept_plain_text_and_map_errors(fake_upstream):
     assert sleep.url.params["level"] == "1"
 
 
-def test_reload_unloads_then_loads(fake_upstream):
+def test_reload_is_one_inplace_load_unless_disabled(fake_upstream):
     fake_upstream.on("POST", "/v1/unload_lora_adapter", lambda r: httpx.Response(200, text="removed"))
     fake_upstream.on("POST", "/v1/load_lora_adapter", lambda r: httpx.Response(200, text="added"))
 
-    async def run():
-        client = client_for(fake_upstream)
+    async def run(inplace: bool):
+        transport = httpx.MockTransport(fake_upstream)
+        client = VllmClient("http://upstream.test", transport=transport, inplace_reload=inplace)
         await client.reload_lora_adapter("a", "/p")
         await client.aclose()
 
-    asyncio.run(run())
+    asyncio.run(run(True))  # vLLM's load_inplace: no unload, so the name is never unserved
+    assert [r.url.path for r in fake_upstream.requests] == ["/v1/load_lora_adapter"]
+    body = {"lora_name": "a", "lora_path": "/p", "load_inplace": True}
+    assert fake_upstream.bodies("/v1/load_lora_adapter") == [body]
+    fake_upstream.requests.clear()
+    asyncio.run(run(False))  # fresh adapter id on vLLM (stale prefix-cache blocks otherwise, vllm#42125)
     assert [r.url.path for r in fake_upstream.requests] == ["/v1/unload_lora_adapter", "/v1/load_lora_adapter"]
 
 
