@@ -23,6 +23,7 @@ from rich.table import Table
 
 from claas.core.config import get_settings, settings_table
 from claas.core.models import REGISTRY, ModelPackageMissingError, UnknownModelError, resolve_model_path
+from claas.openclaw_cli import openclaw_app
 from claas.processes import ServiceStartError, stop_process, wait_until_healthy
 
 app = typer.Typer(help="CLaaS: continual learning as a service.", no_args_is_help=True, add_completion=False)
@@ -30,6 +31,7 @@ models_app = typer.Typer(help="List and fetch base models.", no_args_is_help=Tru
 lora_app = typer.Typer(help="Manage LoRA adapters through a running API.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(lora_app, name="lora")
+app.add_typer(openclaw_app, name="openclaw")
 console = Console()
 err = Console(stderr=True)
 
