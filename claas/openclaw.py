@@ -98,6 +98,7 @@ def _model_entry(setup: OpenClawSetup, lora_id: str) -> dict[str, Any]:
 
 def build_config(setup: OpenClawSetup) -> dict[str, Any]:
     """The openclaw.json document (a plain dict, JSON-serializable)."""
+    agent_defaults: dict[str, Any] = {"model": {"primary": f"{setup.provider}/{setup.lora_ids[0]}"}}
     config: dict[str, Any] = {
         "gateway": {
             "mode": "local",
@@ -118,12 +119,12 @@ def build_config(setup: OpenClawSetup) -> dict[str, Any]:
                 }
             },
         },
-        "agents": {"defaults": {"model": {"primary": f"{setup.provider}/{setup.lora_ids[0]}"}}},
+        "agents": {"defaults": agent_defaults},
         "update": {"checkOnStart": False},
     }
     if not setup.tools:
         config["tools"] = {"profile": "minimal"}
-        config["agents"]["defaults"]["skipBootstrap"] = True
+        agent_defaults["skipBootstrap"] = True
     if setup.plugin_path:
         plugin_config: dict[str, Any] = {
             "claasUrl": setup.api_root,
