@@ -72,6 +72,9 @@ def model_server(model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
         str(port),
         "--cache-dir",
         str(model_cache_dir),
+        # Pinned: tests compare the server's logprobs with the float32 trainer's (exact on-policy data).
+        "--dtype",
+        "float32",
     ]
     env = {**os.environ, "CLAAS_MODEL_CACHE": str(model_cache_dir)}
     with log_path.open("wb") as log:

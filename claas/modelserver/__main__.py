@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from claas.modelserver.server import serve
@@ -19,6 +20,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="weights dtype, as vLLM's --dtype (auto: bf16 on CUDA, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--generation-config",
+        default="auto",
+        choices=["auto", "vllm"],
+        help="auto: omitted sampling fields take the model's generation defaults; vllm: vLLM's neutral ones",
+    )
+    parser.add_argument(
+        "--override-generation-config",
+        type=json.loads,
+        default=None,
+        help='JSON object of sampling defaults, e.g. \'{"temperature": 0.5}\'',
+    )
     args = parser.parse_args(argv)
     model = args.model
     if model is None:
@@ -35,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         max_loras=args.max_loras,
         api_key=args.api_key,
+        dtype=args.dtype,
+        generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
     )
 
 

@@ -24,6 +24,9 @@ def serve(
     max_model_len: int | None = None,
     max_loras: int = 8,
     api_key: str | None = None,
+    dtype: str = "auto",
+    generation_config: str = "auto",
+    override_generation_config: dict | None = None,
 ) -> None:
     """Serve `model` over vLLM's HTTP API subset until interrupted; the served model id defaults to `model`."""
     import uvicorn
@@ -43,13 +46,17 @@ def serve(
         served_model_name=served_model_name or model,
         max_model_len=max_model_len,
         max_loras=max_loras,
+        dtype=dtype,
+        generation_config=generation_config,
+        override_generation_config=override_generation_config,
     )
     logger.info(
-        "serving %r on http://%s:%d (max_model_len=%d, device=%s)",
+        "serving %r on http://%s:%d (max_model_len=%d, device=%s, dtype=%s)",
         engine.served_model_name,
         host,
         port,
         engine.max_model_len,
         engine.device,
+        engine.dtype,
     )
     uvicorn.run(build_app(engine, api_key=api_key), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
