@@ -51,12 +51,15 @@ def model_server(
     max_model_len: Optional[int] = None,
     max_loras: int = 8,
     api_key: Annotated[Optional[str], typer.Option(envvar="VLLM_API_KEY")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, float32 on CPU), float32 or bfloat16.")] = "auto",
+    generation_config: Annotated[str, typer.Option(help="auto: the model's sampling defaults; vllm: none.")] = "auto",
 ) -> None:
     """Serve a model over vLLM's HTTP API (the embedded stand-in for vLLM on machines without a GPU)."""
     from claas.modelserver.server import serve
 
     serve(model=model, host=host, port=port, served_model_name=served_model_name, device=device,
-          cache_dir=get_settings().model_cache, max_model_len=max_model_len, max_loras=max_loras, api_key=api_key)
+          cache_dir=get_settings().model_cache, max_model_len=max_model_len, max_loras=max_loras, api_key=api_key,
+          dtype=dtype, generation_config=generation_config)
 
 
 @app.command("api")
