@@ -30,7 +30,7 @@ from claas.auth import ApiKeys
 from claas.core.config import Settings, get_settings, secret
 from claas.dashboard import routes as dashboard_routes
 from claas.deps import AuthDep
-from claas.errors import ClaasError, PayloadTooLargeError, install_error_handlers
+from claas.errors import ERROR_RESPONSES, ClaasError, PayloadTooLargeError, install_error_handlers
 from claas.inference.base import InferenceBackend
 from claas.inference.cache import CompletionCache
 from claas.inference.sleep import SleepCoordinator
@@ -99,6 +99,7 @@ def build_app(settings: Settings | None = None, *, engine: TrainingEngine | None
         docs_url=None if keyed else "/docs",
         redoc_url=None if keyed else "/redoc",
         openapi_url=None if keyed else "/openapi.json",
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.metrics = metrics

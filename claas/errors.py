@@ -165,6 +165,36 @@ def error_body(message: str, code: int, *, param: str | None = None) -> dict[str
     return {"error": {"message": message, "type": openai_error_type(code), "param": param, "code": code}}
 
 
+#: JSON schema of `error_body`, the one shape of every 4xx/5xx this API sends.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string", "enum": ["invalid_request_error", "authentication_error",
+                                                    "permission_error", "rate_limit_error", "server_error"]},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": "integer"},
+            },
+        }
+    },
+}
+
+#: `responses=` of the app: every route documents the error shape for 4XX and 5XX as JSON, also routes that answer
+#: HTML (an explicit `content`, so FastAPI does not put it under the route's own media type); this also replaces
+#: FastAPI's default 422 `HTTPValidationError`, which this API never sends.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"description": "The request cannot be served as sent (the field in `param`).",
+            "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+    "5XX": {"description": "An upstream or a phase of the operation failed.",
+            "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+}
+
+
 def error_response(exc: ClaasError) -> JSONResponse:
     return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers())
 

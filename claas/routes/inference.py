@@ -91,13 +91,21 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         listener.cancel()
 
 
-@router.post("/v1/chat/completions", response_model=None)
+#: A generation answers JSON, or with `stream: true` server-sent events: both are documented.
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+_GENERATION_RESPONSES: dict[int | str, dict] = {
+    200: {"description": "The completion, or its chunks as server-sent events",
+          "content": {"application/json": {}, "text/event-stream": {"schema": _SSE_EVENT}}},
+}
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=_GENERATION_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request, proxy: ProxyDep, auth: AuthDep) -> Response:
     return _respond(await _unless_disconnected(
         request, proxy.chat(body, auth, strip_thinking=_strip_thinking(request))))
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=_GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, proxy: ProxyDep, auth: AuthDep) -> Response:
     return _respond(await _unless_disconnected(
         request, proxy.completions(body, auth, strip_thinking=_strip_thinking(request))))

@@ -56,7 +56,8 @@ async def list_loras(engine: EngineDep, auth: AuthDep, prefix: str = "") -> dict
     return {"loras": [lora.model_dump() for lora in visible]}
 
 
-@router.get("/v1/lora/export")
+@router.get("/v1/lora/export", response_class=Response,
+            responses={200: {"description": "The adapter's files as a zip", "content": {"application/zip": {}}}})
 async def export_lora(engine: EngineDep, auth: AuthDep, lora_id: str = Query(min_length=1)) -> Response:
     validate_lora_id(lora_id, allow_version=True)
     auth.require(lora_id)
