@@ -159,15 +159,28 @@ function describeResult(data: Record<string, unknown>, queued: number): string {
   );
 }
 
+type State = {
+  pending: Map<string, Pending>; // runId -> what the model was given
+  turns: Map<string, Turn>; // conversation (and sender) -> last answered turn
+  queues: Map<string, { items: FeedbackItem[]; turns: Turn[] }>; // batching
+};
+
+// OpenClaw registers a plugin more than once in one gateway process (the hook runner and the command registry
+// can hold different instances, and a config reload registers again), so the state lives on the process, not on
+// one registration.
+function sharedState(): State {
+  const holder = globalThis as typeof globalThis & { __claasFeedbackState?: State };
+  holder.__claasFeedbackState ??= { pending: new Map(), turns: new Map(), queues: new Map() };
+  return holder.__claasFeedbackState;
+}
+
 export default definePluginEntry({
   id: "claas-feedback",
   name: "CLaaS feedback",
   description: "/feedback <text> trains the CLaaS adapter that gave the last answer in this chat.",
   register(api) {
     const cfg = readConfig(api.pluginConfig);
-    const pending = new Map<string, Pending>(); // runId -> what the model was given
-    const turns = new Map<string, Turn>(); // conversation (and sender) -> last answered turn
-    const queues = new Map<string, { items: FeedbackItem[]; turns: Turn[] }>();
+    const { pending, turns, queues } = sharedState();
 
     api.on("llm_input", (event, ctx) => {
       if (event.provider !== cfg.provider) return;
@@ -187,7 +200,10 @@ export default definePluginEntry({
       const last = (event.lastAssistant ?? {}) as { content?: unknown; responseId?: unknown; stopReason?: unknown };
       if (last.stopReason === "aborted" || last.stopReason === "error") return;
       const response = textOf(last.content) || (event.assistantTexts ?? []).join("\n");
-      if (!input || !response.trim()) return;
+      if (!input || !response.trim()) {
+        api.logger.debug?.(`claas-feedback: turn ${event.runId} not kept (input ${Boolean(input)}, ${response.length} chars)`);
+        return;
+      }
       const turn: Turn = {
         loraId: event.model,
         prompt: input.prompt,
@@ -195,7 +211,9 @@ export default definePluginEntry({
         response,
         completionId: typeof last.responseId === "string" ? last.responseId : undefined,
       };
-      for (const key of turnKeys(ctx.sessionKey, ctx.senderId)) turns.set(key, turn);
+      const keys = turnKeys(ctx.sessionKey, ctx.senderId);
+      for (const key of keys) turns.set(key, turn);
+      api.logger.debug?.(`claas-feedback: last turn of ${keys.join(", ")} kept (${turn.loraId}, ${turn.completionId})`);
     });
 
     api.registerCommand({
@@ -227,7 +245,9 @@ export default definePluginEntry({
         queues.delete(queueKey);
         try {
           const data = await sendWithFallback(cfg, queue.items, queue.turns);
-          return { text: describeResult(data, queue.items.length) };
+          const text = describeResult(data, queue.items.length);
+          api.logger.info(`claas-feedback: ${text}`);
+          return { text };
         } catch (error) {
           const status = error instanceof ClaasError && error.status ? ` (HTTP ${error.status})` : "";
           return { text: `Feedback not applied${status}: ${(error as Error).message}` };
