@@ -87,7 +87,8 @@ async def get_proxy(
     sleep: SleepDep,
     settings: SettingsDep,
 ) -> InferenceProxy:
-    return InferenceProxy(inference, cache, engine, metrics, sleep=sleep, sleep_wait_s=settings.sleep_wait_timeout_s)
+    return InferenceProxy(inference, cache, engine, metrics, sleep=sleep, sleep_wait_s=settings.sleep_wait_timeout_s,
+                          context_overflow=settings.context_overflow)
 
 
 ProxyDep = Annotated[InferenceProxy, Depends(get_proxy)]

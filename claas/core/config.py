@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, ge=1, description="Bytes (estimated) the completion cache may hold; LRU beyond."
     )
     completion_cache_ttl_s: float = Field(3600.0, gt=0, description="Seconds a cached completion stays usable.")
+    context_overflow: Literal["error", "trim"] = Field(
+        "error",
+        description="A chat prompt longer than the model's context: error = the server's 400 naming the lengths; "
+        "trim = drop the oldest turns, then shorten the system prompt, with a visible marker.",
+    )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     sleep_during_training: Literal["auto", "always", "never"] = Field(
         "auto",

@@ -28,6 +28,7 @@ from claas.core.lora_ids import InvalidLoraIdError
 from claas.errors import ClaasError, InvalidRequestError, NotFoundError
 from claas.inference.base import InferenceBackend
 from claas.inference.cache import CachedCompletion, CompletionCache
+from claas.inference.context import ContextFitter
 from claas.inference.helpers import SSE_DONE, ThinkStripper, sse_event, strip_think
 from claas.inference.replies import (
     ChoiceAccumulator,
@@ -70,6 +71,7 @@ class InferenceProxy:
         *,
         sleep: SleepCoordinator | None = None,
         sleep_wait_s: float = 120.0,
+        context_overflow: str = "error",
     ) -> None:
         self.inference = inference
         self.cache = cache
@@ -77,6 +79,7 @@ class InferenceProxy:
         self.metrics = metrics
         self.sleep = sleep
         self.sleep_wait_s = sleep_wait_s
+        self.context_overflow = context_overflow  # "error": the server's 400; "trim": fit it (claas.inference.context)
 
     # --- routes' entry points ------------------------------------------------------------------------------------
 
@@ -94,6 +97,11 @@ class InferenceProxy:
         self, request: ChatCompletionRequest | CompletionRequest, scope: AuthScope, *, strip_thinking: bool, chat: bool
     ) -> JsonReply | StreamReply:
         await self._check_access(scope, request.model)
+        if chat and self.context_overflow == "trim" and isinstance(request, ChatCompletionRequest):
+            async with self._admitted():
+                fitted = await ContextFitter(self.inference).fit(request.model_dump(exclude_unset=True))
+            if fitted is not None:  # sent, cached and trained on as fitted
+                request = request.model_copy(update={"messages": fitted})
         payload = request.to_upstream_payload()
         want = request.reply_options(strip_thinking=strip_thinking)
         if request.stream:

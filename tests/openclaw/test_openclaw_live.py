@@ -120,3 +120,18 @@ def test_feedback_command_of_the_plugin_inside_openclaw_trains_on_the_last_turn(
         reply_text = next((text for text in reversed(texts) if "Trained" in text), "")
         time.sleep(1)
     assert f"Trained {lora_id}" in reply_text and "loss" in reply_text and "cache" in reply_text, reply_text
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_saying_so(claas_api: ClaasApi, openclaw_gateway: OpenClawGateway
+                                                             ) -> None:
+    """What OpenClaw's default settings send SmolLM2 (a ~16K-token system prompt, streamed, with include_usage and
+    max_completion_tokens) without CLAAS_CONTEXT_OVERFLOW=trim: vLLM's 400 naming both lengths, never a 500."""
+    client = openai.OpenAI(base_url=f"{claas_api.url}/v1", api_key="none", max_retries=0, timeout=300.0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=openclaw_gateway.lora_id, stream=True, stream_options={"include_usage": True},
+            max_completion_tokens=16,
+            messages=[{"role": "system", "content": [{"type": "text", "text": "hello " * 16000}]},
+                      {"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
+        )
+    assert "maximum context length is 8192 tokens" in str(err.value)
