@@ -277,6 +277,7 @@ async def _locked_phases(
     shares = policy == "always" or (policy == "auto" and services.engine.shares_inference_device)
     must_sleep = shares and orchestration.sleep_before
     registered = succeeded = False
+    wake_failure: ClaasError | None = None
     try:
         if must_sleep:
             with tx.timed("sleep", metrics):
@@ -303,9 +304,17 @@ async def _locked_phases(
             phase = tx.phase
             with tx.timed("wake", metrics):
                 # The last step that needs the device wakes the server; an earlier one leaves that to it.
-                tx.woke = await services.sleep.release(inference, wake=wake)
+                try:
+                    tx.woke = await services.sleep.release(inference, wake=wake)
+                except ClaasError as exc:  # e.g. the server died during the step: it cannot be woken now
+                    logger.warning("feedback %s: waking the inference server failed: %s", tx.request_id, exc.message)
+                    wake_failure = exc  # a failed step keeps its own error; a saved one says it is not served
             if not succeeded:
                 tx.phase = phase  # report the phase that failed, not the wake that followed it
+    if wake_failure is not None:  # the step is saved: a retry must not train it again
+        served = tx.lora_id if save_mode == "in_place" else f"{tx.lora_id}@{LATEST}"
+        raise ServingStaleError(served, distilled.step, f"waking the inference server failed: {wake_failure.message}",
+                                result=distilled.model_dump())
     with tx.timed("reload", metrics):
         if registered and orchestration.wake_after:  # adapters load on an awake server: wait for the last step
             await services.sleep.wait_awake(services.settings.feedback_lock_timeout_s)
