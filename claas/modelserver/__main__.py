@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         "--override-generation-config",
         type=json.loads,
         default=None,
-        help='JSON object of sampling defaults, e.g. \'{"temperature": 0.5}\'',
+        help="JSON object of sampling defaults, e.g. '{\"temperature\": 0.5}'",
     )
     args = parser.parse_args(argv)
     model = args.model

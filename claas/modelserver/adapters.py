@@ -78,6 +78,18 @@ def _structure(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _resident_name(key: str, internal: str) -> str:
+    """The PeftModel parameter name of a saved adapter tensor: PEFT saves without the adapter name."""
+    for part in (".lora_A.weight", ".lora_B.weight", ".lora_A.bias", ".lora_B.bias"):
+        if key.endswith(part):
+            stem, _, leaf = part.rpartition(".")
+            return key[: -len(part)] + f"{stem}.{internal}.{leaf}"
+    for part in (".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"):
+        if key.endswith(part):
+            return f"{key}.{internal}" if part != ".lora_magnitude_vector" else f"{key}.{internal}.weight"
+    return key
+
+
 def _module_shapes(model: Any) -> dict[str, tuple[int, int]]:
     """(in, out) of every Linear and (num_embeddings, dim) of every Embedding of the plain model, by module name."""
     import torch
@@ -99,9 +111,9 @@ class AdapterSlots:
         self._attached: set[str] = set()
         self._shapes = _module_shapes(model)  # kept through sleep level 2, for `validate`
 
-    def validate(self, path: str) -> None:
+    def validate(self, path: str) -> dict[str, Any]:
         """Refuse an adapter that cannot apply to this base model (config, target modules, tensor shapes), without
-        loading it into the model; AdapterLoadError says why."""
+        loading it into the model; AdapterLoadError says why. Returns the weights it read (for `copy_inplace`)."""
         from peft.utils import load_peft_weights
 
         config = read_adapter_config(path)
@@ -142,26 +154,43 @@ class AdapterSlots:
                 )
             if uniform_rank and r_dim != rank:
                 raise AdapterLoadError(f"weight {key} has rank {r_dim} but adapter_config.json says r={rank}")
+        return weights
 
-    def copy_inplace(self, internal: str, path: str) -> bool:
+    def copy_inplace(self, internal: str, path: str, weights: dict[str, Any] | None = None) -> bool:
         """Copy the weights at `path` into the attached adapter `internal`; False (nothing changed) when they do not
-        fit it exactly (other config or shapes), so the caller rebuilds the adapter instead."""
+        fit it exactly (other config, keys or shapes), so the caller rebuilds the adapter instead.
+
+        A direct `copy_` into the resident parameters (PEFT's `set_peft_model_state_dict` goes through the whole
+        model's `load_state_dict` and took ~0.8 s here)."""
         import torch
-        from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
 
         if internal not in self._attached or self._peft is None:
             return False
         resident_config = self._peft.peft_config[internal].to_dict()
         if _structure(read_adapter_config(path)) != _structure(resident_config):
             return False
-        new = load_peft_weights(path, device="cpu")
-        current = get_peft_model_state_dict(self._peft, adapter_name=internal)
-        if set(new) != set(current) or any(new[k].shape != current[k].shape for k in new):
+        new = weights if weights is not None else load_peft_weights(path, device="cpu")
+        params = dict(self._peft.named_parameters())
+        resident = {name: param for name, param in params.items() if f".{internal}." in name or name.endswith(internal)}
+        pairs = []
+        for key, tensor in new.items():
+            target = params.get(_resident_name(key, internal))
+            if target is None or target.shape != tensor.shape:
+                return False
+            pairs.append((target, tensor))
+        if len(pairs) != len(resident):  # the file must replace every tensor of the adapter, no more, no less
             return False
-        with torch.no_grad():  # every tensor checked above, so the copy below cannot stop half-way
-            result = set_peft_model_state_dict(self._peft, new, adapter_name=internal)
-        if result.unexpected_keys:
-            raise AdapterLoadError(f"in-place load left keys unapplied: {result.unexpected_keys[:3]}")
+        # Hundreds of small copies: one intra-op thread. With more, each copy_ pays an OpenMP fork/join, and on a
+        # busy CPU that took 0.7 s instead of 17 ms (measured). Safe to change here: all torch work is on this thread.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():  # every tensor checked above, so the copy below cannot stop half-way
+                for target, tensor in pairs:
+                    target.copy_(tensor)
+        finally:
+            torch.set_num_threads(threads)
         return True
 
     @property

@@ -254,10 +254,10 @@ class Engine:
         if not looks_like_adapter_dir(path):
             raise NotFound(f"Loading lora {name} failed: No adapter found for {path}")
         try:
-            self._slots.validate(path)  # also at sleep level 2, where nothing can be attached to check it
+            weights = self._slots.validate(path)  # also at sleep level 2, where nothing can be attached to check it
         except AdapterLoadError as exc:
             raise InternalError(f"Loading lora {name} failed: {exc}") from exc
-        if existing is not None and existing.internal in self._resident and self._copy_inplace(existing, path):
+        if existing is not None and existing.internal in self._resident and self._copy_inplace(existing, path, weights):
             logger.info("Loaded LoRA adapter in place: name '%s', path '%s'", name, path)
             return
         adapter = _Adapter(name, path, next(self._internal_names))
@@ -271,11 +271,11 @@ class Engine:
             self._evict(existing.internal)
         logger.info("Loaded LoRA adapter: name '%s', path '%s'", name, path)
 
-    def _copy_inplace(self, adapter: _Adapter, path: str) -> bool:
+    def _copy_inplace(self, adapter: _Adapter, path: str, weights: dict[str, Any]) -> bool:
         """Copy the weights at `path` into the resident `adapter`; False when they need new modules instead."""
         started = time.perf_counter()
         try:
-            copied = self._slots.copy_inplace(adapter.internal, path)
+            copied = self._slots.copy_inplace(adapter.internal, path, weights)
         except AdapterLoadError as exc:
             self._evict(adapter.internal)  # never serve a possibly partial copy: re-read from its path on next use
             raise InternalError(f"Loading lora {adapter.name} failed: {exc}") from exc
