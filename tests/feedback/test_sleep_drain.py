@@ -54,7 +54,8 @@ def test_a_step_waits_for_chats_on_their_way_and_none_fails(
         client.start()
     time.sleep(0.5)  # both first chats are admitted and on their way
     reply = HTTP.post(f"{gw.v1}/feedback", json={
-        "lora_id": lora_id, "prompt": QUESTION, "response": "I am SmolLM.", "feedback": "Say Kuro."})
+        "lora_id": lora_id, "prompt": QUESTION, "response": "I am SmolLM.", "feedback": "Say Kuro.",
+        "training": {"teacher_demonstration": False}})  # a plain step: what matters is the sleep around it
     for client in clients:
         client.join()
     assert reply.status_code == 200, reply.text  # the drain finished: no 504 under the traffic
