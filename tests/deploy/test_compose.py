@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,41 @@ def test_env_examples_name_every_variable_and_hold_no_secret(example: str) -> No
     used = set(_VAR.findall((DOCKER / stack).read_text()))
     required = {name for name, op, _ in used if op in (":?", "?")}
     assert required <= set(values), f"{example} lacks {required - set(values)}"
+
+
+def test_init_creates_missing_adapters_and_writes_the_openclaw_config(tmp_path: Path) -> None:
+    """docker/init.sh with the real `claas openclaw config`; only the API calls (`claas lora ...`) are a stub that
+    reports telegram/assistant as existing."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "bin" / "claas"
+    stub.parent.mkdir()
+    stub.write_text(f"""#!/bin/sh
+case "$1" in
+  lora) echo "$*" >> {calls}
+        if [ "$2" = list ]
+        then printf '{{\\n  "loras": [{{\\n    "lora_id": "telegram/assistant"\\n  }}]\\n}}\\n'; fi;;
+  *) exec {sys.executable} -m claas "$@";;
+esac
+""")
+    stub.chmod(0o755)
+    out = tmp_path / "config" / "openclaw.json"
+    env = {"PATH": f"{stub.parent}:{os.environ['PATH']}", "HOME": str(tmp_path), "CLAAS_API_URL": "http://api:8080",
+           "CLAAS_LORA_ID": "telegram/assistant", "CLAAS_EXTRA_LORA_IDS": "bob/assistant",
+           "OPENCLAW_CONFIG": str(out), "TELEGRAM_ALLOW_FROM": "42", "CLAAS_API_KEY": "k",
+           "OPENCLAW_CONFIG_ARGS": "--context-window 8192 --max-tokens 256"}
+    result = subprocess.run(["sh", str(DOCKER / "init.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().splitlines() == [
+        "lora list --url http://api:8080 --prefix telegram/assistant --json",
+        "lora list --url http://api:8080 --prefix bob/assistant --json",
+        "lora init bob/assistant --url http://api:8080",
+    ]
+    config = json.loads(out.read_text())
+    provider = config["models"]["providers"]["claas"]
+    assert provider["baseUrl"] == "http://api:8080/v1" and provider["apiKey"] == "${CLAAS_API_KEY}"
+    assert [m["id"] for m in provider["models"]] == ["telegram/assistant", "bob/assistant"]
+    assert config["gateway"]["bind"] == "lan"  # reachable through the container's published port
+    assert config["channels"]["telegram"]["allowFrom"] == ["42"]
+    assert config["plugins"]["load"]["paths"] == ["/opt/claas/claas-feedback"]  # where the images put the plugin
+    assert "COPY scripts/openclaw-local/claas-feedback /opt/claas/claas-feedback" in (
+        DOCKER / "openclaw" / "Dockerfile").read_text()
