@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "openclaw-local" / "install.sh"
 PLUGIN = REPO / "scripts" / "openclaw-local" / "claas-feedback"
 PROVIDER = "claas"
+LEAN_TRAINING = {"teacher_demonstration": False}
 
 
 def _tail(path: Path, lines: int = 80) -> str:
@@ -144,6 +145,10 @@ def openclaw_gateway(openclaw_install: OpenClawInstall, claas_api: ClaasApi,
         capture_output=True, text=True, timeout=120,
     )
     assert written.returncode == 0, written.stderr
+    # Lean steps: no teacher demonstration (a greedy generation over OpenClaw's ~2.5K-token prompt on CPU).
+    config = json.loads(config_path.read_text())
+    config["plugins"]["entries"]["claas-feedback"]["config"]["training"] = LEAN_TRAINING
+    config_path.write_text(json.dumps(config))
     env = {
         **os.environ,
         "HOME": str(root / "home"),  # nothing of the user's ~/.openclaw is read or written

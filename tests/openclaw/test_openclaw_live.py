@@ -20,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.openclaw.conftest import ClaasApi, OpenClawGateway
+from tests.openclaw.conftest import LEAN_TRAINING, ClaasApi, OpenClawGateway
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +69,7 @@ def test_chat_through_openclaw_then_feedback_trains_on_the_served_completion(
     with claas_api.client() as client:
         reply = client.post("/v1/feedback", json={
             "lora_id": lora_id, "prompt": QUESTION, "response": answer, "feedback": "Answer with the city name.",
+            "training": LEAN_TRAINING,
         })
     assert reply.status_code == 200, reply.text
     body = reply.json()

@@ -30,6 +30,7 @@ type FeedbackItem = {
   response: string;
   feedback: string;
   completion_id?: string;
+  training?: Record<string, unknown>;
 };
 
 type PluginConfig = {
@@ -38,6 +39,7 @@ type PluginConfig = {
   provider: string;
   batchSize: number;
   timeoutMs: number;
+  training?: Record<string, unknown>; // CLaaS TrainingConfig overrides sent with every item (e.g. learning_rate)
 };
 
 type Pending = { prompt: string; messages: ChatMessage[] };
@@ -51,6 +53,8 @@ function readConfig(raw: unknown): PluginConfig {
     provider: typeof cfg.provider === "string" && cfg.provider ? cfg.provider : "claas",
     batchSize: typeof cfg.batchSize === "number" && cfg.batchSize >= 1 ? Math.floor(cfg.batchSize) : 1,
     timeoutMs: typeof cfg.timeoutMs === "number" && cfg.timeoutMs >= 1000 ? cfg.timeoutMs : 600_000,
+    training:
+      cfg.training && typeof cfg.training === "object" ? (cfg.training as Record<string, unknown>) : undefined,
   };
 }
 
@@ -141,6 +145,7 @@ async function sendWithFallback(
       prompt: turns[index].messages,
       response: item.response,
       feedback: item.feedback,
+      ...(item.training ? { training: item.training } : {}),
     }));
     return await postFeedback(cfg, fallback);
   }
@@ -201,7 +206,7 @@ export default definePluginEntry({
       if (last.stopReason === "aborted" || last.stopReason === "error") return;
       const response = textOf(last.content) || (event.assistantTexts ?? []).join("\n");
       if (!input || !response.trim()) {
-        api.logger.debug?.(`claas-feedback: turn ${event.runId} not kept (input ${Boolean(input)}, ${response.length} chars)`);
+        api.logger.debug?.(`claas-feedback: turn ${event.runId} not kept (${response.length} chars)`);
         return;
       }
       const turn: Turn = {
@@ -233,6 +238,7 @@ export default definePluginEntry({
           response: turn.response,
           feedback,
           ...(turn.completionId ? { completion_id: turn.completionId } : {}),
+          ...(cfg.training ? { training: cfg.training } : {}),
         };
         const queueKey = `${turn.loraId}|${turnKeys(ctx.sessionKey, ctx.senderId)[0] ?? ""}`;
         const queue = queues.get(queueKey) ?? { items: [], turns: [] };
