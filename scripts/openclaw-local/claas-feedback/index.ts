@@ -89,13 +89,15 @@ function turnKeys(sessionKey?: string, senderId?: string): string[] {
   return keys;
 }
 
+// No parameter properties: the file stays plain erasable TypeScript (runs under Node's type stripping too).
 class ClaasError extends Error {
-  constructor(
-    message: string,
-    readonly status: number,
-    readonly param?: string,
-  ) {
+  readonly status: number;
+  readonly param?: string;
+
+  constructor(message: string, status: number, param?: string) {
     super(message);
+    this.status = status;
+    this.param = param;
   }
 }
 
