@@ -72,7 +72,7 @@ class FakeClaas:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, *args: Any) -> None:
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
