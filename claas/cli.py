@@ -73,6 +73,7 @@ def api(host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> N
     settings = get_settings()
     config = log_config(log_level, settings.log_format)
     logging.config.dictConfig(config)  # before the app is built, so its start-up lines are formatted too
+    logging.captureWarnings(True)  # Python warnings (e.g. a deprecation in transformers) as log lines too
     uvicorn.run(build_app(settings), host=host, port=port, log_level=log_level, log_config=config)
 
 
