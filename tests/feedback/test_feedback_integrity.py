@@ -126,7 +126,7 @@ def test_init_that_the_server_refuses_is_undone(feedback_gateway: Any, monkeypat
     async def refuse(name: str, path: str) -> None:
         raise UpstreamError(400, f"cannot load {name}")
 
-    monkeypatch.setattr(_client(gw), "load_lora_adapter", refuse)
+    monkeypatch.setattr(_client(gw), "reload_lora_adapter", refuse)  # how init serves a new adapter
     reply = HTTP.post(f"{gw.v1}/lora/init", json={"lora_id": lora_id})
     assert reply.status_code == 400 and "cannot load" in reply.json()["error"]["message"]
     assert not gw.engine.store.exists(lora_id)
@@ -194,15 +194,15 @@ def test_a_transient_reload_failure_is_retried(feedback_gateway: Any, monkeypatc
     gw = feedback_gateway
     lora_id = new_lora(gw)
     client = _client(gw)
-    real_load = client.load_lora_adapter
+    real_reload = client.reload_lora_adapter
     failures = [UpstreamError(500, "busy")]
 
     async def flaky(name: str, path: str) -> None:
         if failures:
             raise failures.pop()
-        await real_load(name, path)
+        await real_reload(name, path)
 
-    monkeypatch.setattr(client, "load_lora_adapter", flaky)
+    monkeypatch.setattr(client, "reload_lora_adapter", flaky)
     reply = feedback(gw, lora_id, "I am SmolLM.")
     assert reply.status_code == 200, reply.text
     assert not failures and gw.engine.store.read_metadata(lora_id).step == 1
@@ -218,7 +218,7 @@ def test_saved_but_not_served_says_so_and_a_keyed_retry_only_reloads(
     async def refuse(name: str, path: str) -> None:
         raise UpstreamError(500, "the server cannot load adapters right now")
 
-    monkeypatch.setattr(client, "load_lora_adapter", refuse)
+    monkeypatch.setattr(client, "reload_lora_adapter", refuse)
     key = {"Idempotency-Key": uuid.uuid4().hex}
     body = {"lora_id": lora_id, "prompt": QUESTION, "response": "I am SmolLM.", "feedback": FEEDBACK}
     stale = HTTP.post(f"{gw.v1}/feedback", headers=key, json=body)
