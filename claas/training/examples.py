@@ -35,3 +35,17 @@ def example_tokens(tokenizer: Any, example: TrainingExample, placement: Feedback
         raise ValueError(f"rollout_logprobs has {len(rollout)} values but the response has {len(response_ids)} tokens")
     teacher_ids = chat_prompt_ids(tokenizer, teacher_messages(example.messages, example.feedback, placement))
     return ExampleTokens(prompt_ids, response_ids, teacher_ids, rollout)
+
+
+#: A demonstration whose distinct-token share is below this is a loop ("🌟🌟🌟...", one sentence over and over).
+MIN_DISTINCT_TOKEN_SHARE = 0.35
+#: Shorter answers are never judged: a short answer has few tokens to repeat.
+MIN_JUDGED_TOKENS = 16
+
+
+def is_degenerate(token_ids: list[int]) -> bool:
+    """Is this answer a repetition loop? Small teachers shown an instruction sometimes fall into one (SmolLM2 told
+    not to use emojis answers a tweet request with a single emoji forty times); imitating it teaches the loop."""
+    if len(token_ids) < MIN_JUDGED_TOKENS:
+        return False
+    return len(set(token_ids)) / len(token_ids) < MIN_DISTINCT_TOKEN_SHARE

@@ -36,7 +36,7 @@ from claas.core.types import (
     TrainingExample,
 )
 from claas.errors import UnprocessableError
-from claas.training.examples import ExampleTokens, example_tokens
+from claas.training.examples import ExampleTokens, example_tokens, is_degenerate
 from claas.training.sdpo_loss import sdpo_loss_from_hidden
 from claas.training.storage import (
     METADATA_FILE,
@@ -314,9 +314,14 @@ class DistillationTrainer:
         phase = time.perf_counter()
         examples = [self._tensors(example, cfg.feedback_placement) for example in batch.examples]
         timing["tokenize"] = _ms_since(phase)
+        dropped: dict[str, float] = {}
         if cfg.teacher_demonstration:
             phase = time.perf_counter()
-            examples += [self._teacher_demonstration(t) for t in examples]
+            demonstrations = [self._teacher_demonstration(t) for t in examples]
+            kept = [d for d in demonstrations if not is_degenerate(d.response_ids)]
+            # A looping teacher answer is no demonstration: the served answer is still distilled token by token.
+            dropped["demonstrations_dropped"] = float(len(demonstrations) - len(kept))
+            examples += kept
             timing["demonstrate"] = _ms_since(phase)
 
         metrics: dict[str, float] = {}
@@ -341,7 +346,7 @@ class DistillationTrainer:
             hot.optimizer.step()
             hot.optimizer.zero_grad(set_to_none=True)
             totals["grad_norm"] = float(grad_norm)
-            metrics = totals
+            metrics = totals | dropped
             timing["compute"] = timing.get("compute", 0.0) + _ms_since(phase)
 
         phase = time.perf_counter()

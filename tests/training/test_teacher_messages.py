@@ -48,3 +48,13 @@ def test_demonstration_needs_the_local_teacher() -> None:
     assert TrainingConfig(teacher_demonstration=True).teacher_demonstration
     with pytest.raises(ValueError, match="teacher_demonstration needs teacher_mode 'self'"):
         TrainingConfig(teacher_demonstration=True, teacher_mode="remote")
+
+
+def test_a_repetition_loop_is_degenerate_and_ordinary_answers_are_not() -> None:
+    from claas.training.examples import is_degenerate
+
+    assert is_degenerate([42] * 40)  # one emoji token forty times
+    assert is_degenerate([1, 2, 3, 4, 5, 6, 7, 8] * 5)  # one sentence over and over
+    assert not is_degenerate(list(range(40)))  # every token new
+    assert not is_degenerate([7] * 10)  # too short to judge
+    assert not is_degenerate([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 13, 14, 15, 16, 17, 18])

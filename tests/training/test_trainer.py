@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from claas.core.types import DistillBatch, FeedbackPlacement, LoraInitRequest, TrainingConfig, TrainingExample
+from claas.training.examples import is_degenerate
 from claas.training.storage import InvalidLoraIdError, LoraNotFoundError, LoraStore
 from claas.training.teacher import chat_prompt_ids, teacher_messages
 from claas.training.trainer import DistillationTrainer
@@ -226,3 +227,21 @@ def test_teacher_demonstration_adds_the_teachers_own_answer(
     both = trainer.step(DistillBatch(lora_id=lora_id, examples=[example], training=config))
     assert both.metrics["tokens"] == plain.metrics["tokens"] + len(demonstration.response_ids)
     assert "demonstrate" in both.timing_ms and "demonstrate" not in plain.timing_ms
+
+
+def test_a_looping_teacher_answer_is_not_trained_on(trainer: DistillationTrainer) -> None:
+    """Told not to use emojis, the frozen SmolLM2 answers this tweet request with one emoji over and over (greedy,
+    so the same every run); imitating that loop taught the eval's no_emoji runs to loop. The step drops such a
+    demonstration and still distils the served answer."""
+    lora_id = new_lora(trainer)
+    messages = [{"role": "user", "content": "Write a tweet about my new puppy."}]
+    example = TrainingExample(messages=messages, response_text="Meet Max, my new puppy! He loves naps and belly rubs.",
+                              feedback="Don't use any emojis in your responses.")
+    demonstration = trainer._teacher_demonstration(trainer._tensors(example, "system"))
+    assert is_degenerate(demonstration.response_ids), trainer.tokenizer.decode(demonstration.response_ids)
+
+    served_only = trainer.step(DistillBatch(lora_id=lora_id, examples=[example], training=TrainingConfig()))
+    config = TrainingConfig(teacher_demonstration=True, feedback_placement="system")
+    with_demo = trainer.step(DistillBatch(lora_id=lora_id, examples=[example], training=config))
+    assert with_demo.metrics["demonstrations_dropped"] == 1.0
+    assert with_demo.metrics["tokens"] == served_only.metrics["tokens"]  # only the served answer was trained on
