@@ -6,8 +6,8 @@ replay of the applied steps (in their step order, from the same initial adapter,
 Also checked on the way, in the real processes: every log line they write for a request is a JSON object carrying
 its request id, and a feedback's response, its X-Request-ID header and its feedback log record share one id.
 
-Sized for the CPU budget (each feedback is a real step, and the replay repeats it): CLAAS_PROOF_FEEDBACKS, default 8
-(4 per process); the issue's 32 with CLAAS_PROOF_FEEDBACKS=32."""
+The issue's 32 feedbacks (16 per process; ~50 s alone on 2 cores, each a real step that the replay repeats);
+CLAAS_PROOF_FEEDBACKS sets another count."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from claas.training.trainer import DistillationTrainer
 
 pytestmark = pytest.mark.slow
 
-FEEDBACKS = int(os.environ.get("CLAAS_PROOF_FEEDBACKS", "8"))
+FEEDBACKS = int(os.environ.get("CLAAS_PROOF_FEEDBACKS", "32"))
 MODEL = "smollm2-135m"
 CHEAP = {"learning_rate": 1e-3, "teacher_demonstration": False}  # a plain SDPO step: the cost is the step itself
 

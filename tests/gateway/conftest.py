@@ -81,6 +81,19 @@ def gateway_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
+def real_stack_settings(model_server: Any, trainer: Any, root: Path, **overrides: Any) -> Settings:
+    """Settings for a gateway on the session's real model server and resident trainer (logs and evals under root)."""
+    values: dict[str, Any] = {
+        "vllm_base_url": model_server.base_url,
+        "lora_root": trainer.store.root,
+        "feedback_log_dir": root / "feedback",
+        "eval_dir": root / "evals",
+        "model_cache": trainer._cache_dir,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
 Handler = Callable[[httpx.Request], httpx.Response]
 
 

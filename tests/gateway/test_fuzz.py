@@ -29,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
 from claas.api import build_app
 from claas.core.config import Settings
 from claas.training.engine.local import LocalEngine
+from tests.gateway.conftest import real_stack_settings
 
 pytestmark = pytest.mark.slow
 
@@ -47,15 +48,7 @@ class FuzzTarget:
 @pytest.fixture(scope="module")
 def fuzz_target(model_server: Any, trainer: Any, threaded_uvicorn: Any, tmp_path_factory: Any) -> Iterator[FuzzTarget]:
     root = tmp_path_factory.mktemp("fuzz")
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        vllm_base_url=model_server.base_url,
-        lora_root=trainer.store.root,
-        feedback_log_dir=root / "feedback",
-        eval_dir=root / "evals",
-        model_cache=trainer._cache_dir,
-        feedback_lock_timeout_s=60.0,
-    )
+    settings = real_stack_settings(model_server, trainer, root, feedback_lock_timeout_s=60.0)
     app = build_app(settings, engine=LocalEngine(settings, trainer=trainer))
     with threaded_uvicorn(app) as server:
         yield FuzzTarget(server.base_url, root, app)

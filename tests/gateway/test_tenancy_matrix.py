@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from claas.api import build_app
-from claas.core.config import Settings
 from claas.training.engine.local import LocalEngine
+from tests.gateway.conftest import real_stack_settings
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +49,8 @@ def _headers(who: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def stack(model_server: Any, trainer: Any, threaded_uvicorn: Any, tmp_path_factory: Any) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("tenancy")
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        vllm_base_url=model_server.base_url,
-        lora_root=trainer.store.root,
-        feedback_log_dir=root / "feedback",
-        eval_dir=root / "evals",
-        model_cache=trainer._cache_dir,
-        feedback_lock_timeout_s=300.0,
-        api_keys="adm,ka:alice,kb:bob",  # type: ignore[arg-type]
-    )
+    settings = real_stack_settings(model_server, trainer, root, feedback_lock_timeout_s=300.0,
+                                   api_keys="adm,ka:alice,kb:bob")
     app = build_app(settings, engine=LocalEngine(settings, trainer=trainer))
     with threaded_uvicorn(app) as server, httpx.Client(base_url=server.base_url, timeout=600) as client:
         probe = Stack(client, model_server.model, "")

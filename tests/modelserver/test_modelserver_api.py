@@ -15,23 +15,11 @@ import uuid
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def http(model_server) -> Any:
-    with httpx.Client(base_url=model_server.base_url, timeout=120.0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def oai(model_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=model_server.v1, api_key="EMPTY", timeout=120.0, max_retries=0)
 
 
 @pytest.fixture(scope="module")

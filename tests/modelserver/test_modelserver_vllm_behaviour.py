@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from safetensors.numpy import load_file, save_file
 
@@ -24,17 +23,6 @@ pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def http(model_server) -> Any:
-    with httpx.Client(base_url=model_server.base_url, timeout=120.0) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def oai(model_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=model_server.v1, api_key="EMPTY", timeout=120.0, max_retries=0)
 
 
 def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
