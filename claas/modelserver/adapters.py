@@ -12,7 +12,7 @@ exactly.
 `validate` checks an adapter directory against the base model's module shapes without touching the model (the shapes
 are recorded at start, so it works at sleep level 2 too, when there is no model). `copy_inplace` is vLLM's
 `load_inplace` done cheaply: when the new files have the resident adapter's exact config and tensor shapes, their
-weights are copied into the resident LoRA tensors (PEFT's `set_peft_model_state_dict`) instead of rebuilding modules.
+weights are copied straight into the resident LoRA tensors (no PEFT state-dict load, no module rebuild).
 It runs on the worker thread between requests, so no forward pass ever sees a half-copied adapter.
 
 Not here: the public name registry, HTTP errors for unknown names, sleep/wake (engine.py).
