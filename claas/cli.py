@@ -50,6 +50,7 @@ def model_server(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     max_model_len: Optional[int] = None,
     max_loras: int = 8,
+    max_num_seqs: Annotated[int, typer.Option(help="Most sequences decoding together in one batch.")] = 16,
     api_key: Annotated[Optional[str], typer.Option(envvar="VLLM_API_KEY")] = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, float32 on CPU), float32 or bfloat16.")] = "auto",
     generation_config: Annotated[str, typer.Option(help="auto: the model's sampling defaults; vllm: none.")] = "auto",
@@ -58,8 +59,8 @@ def model_server(
     from claas.modelserver.server import serve
 
     serve(model=model, host=host, port=port, served_model_name=served_model_name, device=device,
-          cache_dir=get_settings().model_cache, max_model_len=max_model_len, max_loras=max_loras, api_key=api_key,
-          dtype=dtype, generation_config=generation_config)
+          cache_dir=get_settings().model_cache, max_model_len=max_model_len, max_loras=max_loras,
+          max_num_seqs=max_num_seqs, api_key=api_key, dtype=dtype, generation_config=generation_config)
 
 
 @app.command("api")

@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache (default: settings)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-loras", type=int, default=8)
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=16, help="most sequences (choices) decoding together in one batch"
+    )
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
     parser.add_argument(
         "--dtype",
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         cache_dir=args.cache_dir,
         max_model_len=args.max_model_len,
         max_loras=args.max_loras,
+        max_num_seqs=args.max_num_seqs,
         api_key=args.api_key,
         dtype=args.dtype,
         generation_config=args.generation_config,

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,14 @@ class AdapterSlots:
         self._attached.clear()
         self.model = model
         self._shapes = _module_shapes(model)
+
+    def mixed(self, internals: list[str | None]) -> Callable[..., Any]:
+        """The model call for a batch whose rows use different adapters (None = the base model): PEFT's mixed-batch
+        inference, which runs the base layers once for all rows and adds each row's own LoRA delta."""
+        from functools import partial
+
+        assert self._peft is not None, "a mixed batch has at least one adapter, so PEFT wraps the model"
+        return partial(self._peft, adapter_names=[name or "__base__" for name in internals])
 
     @contextmanager
     def use(self, internal: str | None) -> Generator[Any]:

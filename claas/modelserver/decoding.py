@@ -1,15 +1,15 @@
 """The decode loop for one request on the worker thread: prefill, then one token per forward with a KV cache.
 
 `prefill` runs the prompt (`logits_to_keep=1` unless prompt logprobs are wanted; then in chunks of positions so memory
-stays O(chunk x vocab)). `decode_choice` generates one choice: adjust the logits (min_tokens, logit_bias,
-penalties), sample (greedy or seeded), compute raw logprobs only when asked, detokenize incrementally, apply EOS /
-`stop_token_ids` / stop strings / length, and hand every token to `job.emit` as a `TokenDelta` (the engine forwards
-it to the request's asyncio queue). It checks `job.cancelled` before every step, so a disconnected client stops
-costing compute within one token.
+stays O(chunk x vocab)). A `ChoiceDecoder` produces one choice a token at a time: adjust the logits (min_tokens,
+logit_bias, penalties), sample (greedy or seeded), compute raw logprobs only when asked, detokenize incrementally,
+apply EOS / `stop_token_ids` / stop strings / length, and hand every token to `job.emit` as a `TokenDelta` (the
+engine forwards it to the request's asyncio queue). It does not run the model: the engine's batch does, for all
+running choices at once, so a choice's tokens do not depend on what else is decoding beside it.
 
-Must run under `torch.inference_mode()` with the request's adapter selected (the engine does both).
+Must run under `torch.inference_mode()` (the engine does it).
 
-Not here: queueing, adapters, sleep (engine.py); HTTP shapes (serving.py).
+Not here: queueing, batching, adapters, sleep (engine.py, kvbatch.py); HTTP shapes (serving.py).
 """
 
 from __future__ import annotations
@@ -74,10 +74,12 @@ class Job:
     scheduled: float = 0.0  # when the worker started it
     first_token: float | None = None
     cancelled: bool = False
+    failed: bool = False  # ended early (error or abort, already reported): its remaining choices are dropped
+    open_choices: int = 0  # choices still decoding; the job is done when it reaches 0 after admission
 
 
 class DecodeContext(Protocol):
-    """What the decode loop needs from the engine."""
+    """What a choice decoder needs from the engine."""
 
     tokenizer: Any
     device: "torch.device"
@@ -107,29 +109,39 @@ def prefill(lm: Any, ids: list[int], device: "torch.device", prompt_top: int | N
     return cache, last, positions
 
 
-def decode_choice(
-    ctx: DecodeContext, lm: Any, job: Job, index: int, cache: Any, logits: Any, seed: int | None
-) -> str | None:
-    """Generate choice `index` from the prefilled `cache`; return its finish reason, or None when cancelled."""
-    import torch
+class ChoiceDecoder:
+    """Choice `index` of a request, one token per `advance`: adjust the logits, sample, detokenize, check stops, emit.
 
-    params = job.inp.params
-    prompt = job.inp.prompt_ids
-    metrics = ctx.metrics
-    generator = None if params.greedy else make_generator(seed, ctx.device)
-    detok = IncrementalDetokenizer(ctx.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens)
-    stops = StopStringTracker(params.stop, include_stop_str=params.include_stop_str_in_output)
-    eos = frozenset() if params.ignore_eos else ctx.eos_ids
-    stop_ids = frozenset(params.stop_token_ids)
-    banned = torch.tensor(sorted(ctx.eos_ids | stop_ids), dtype=torch.long, device=ctx.device)  # for min_tokens
-    adjust = LogitsAdjuster(params, prompt, banned, int(logits.shape[-1]))
-    budget = min(params.max_tokens, ctx.max_model_len - len(prompt))
-    last = time.monotonic()
-    for step in range(budget):
-        if job.cancelled:
-            return None
-        token = sample_token(adjust(logits, step), params, generator)
-        adjust.observe(token)
+    The engine calls `advance` with the logits of the position after the last token (from the prefill, then from
+    each batched decode step) and feeds the returned token to the next step; it checks `job.cancelled` before each
+    call, so a disconnected client stops costing compute within one token."""
+
+    def __init__(self, ctx: DecodeContext, job: Job, index: int, seed: int | None, vocab_width: int) -> None:
+        import torch
+
+        params = job.inp.params
+        prompt = job.inp.prompt_ids
+        self.job = job
+        self.index = index
+        self.finish_reason: str | None = None
+        self._ctx = ctx
+        self._params = params
+        self._generator = None if params.greedy else make_generator(seed, ctx.device)
+        self._detok = IncrementalDetokenizer(ctx.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens)
+        self._stops = StopStringTracker(params.stop, include_stop_str=params.include_stop_str_in_output)
+        self._eos = frozenset() if params.ignore_eos else ctx.eos_ids
+        self._stop_ids = frozenset(params.stop_token_ids)
+        banned = torch.tensor(sorted(ctx.eos_ids | self._stop_ids), dtype=torch.long, device=ctx.device)  # min_tokens
+        self._adjust = LogitsAdjuster(params, prompt, banned, vocab_width)
+        self._budget = min(params.max_tokens, ctx.max_model_len - len(prompt))
+        self._step = 0
+        self._last = time.monotonic()
+
+    def advance(self, logits: "torch.Tensor") -> int | None:
+        """Sample from `logits` [V] and emit the token; return it to feed the model next, or None when finished."""
+        params, metrics, stops, step = self._params, self._ctx.metrics, self._stops, self._step
+        token = sample_token(self._adjust(logits, step), params, self._generator)
+        self._adjust.observe(token)
         lps = (
             [position_logprobs(logits, token, params.logprobs, with_rank=False)]
             if params.logprobs is not None
@@ -137,34 +149,32 @@ def decode_choice(
         )
         finish: str | None = None
         stop_reason: int | str | None = None
-        if token in eos or token in stop_ids:
+        if token in self._eos or token in self._stop_ids:
             # vLLM: EOS and stop_token_ids end the choice; the id stays in token_ids but is not detokenized
-            finish, stop_reason = "stop", (token if token in stop_ids else None)
-            text, _ = stops.add(detok.flush())
+            finish, stop_reason = "stop", (token if token in self._stop_ids else None)
+            text, _ = stops.add(self._detok.flush())
             text += stops.flush()
         else:
-            text, matched = stops.add(detok.push(token))
+            text, matched = stops.add(self._detok.push(token))
             if matched is not None:
                 finish, stop_reason = "stop", matched
-            elif step == budget - 1:
+            elif step == self._budget - 1:
                 finish = "length"
-                tail, _ = stops.add(detok.flush())
+                tail, _ = stops.add(self._detok.flush())
                 text += tail + stops.flush()
         now = time.monotonic()
         if step == 0:
-            metrics.ttft.observe(now - job.submitted)
-            if job.first_token is None:
-                job.first_token = now
+            metrics.ttft.observe(now - self.job.submitted)
+            if self.job.first_token is None:
+                self.job.first_token = now
         else:
-            metrics.itl.observe(now - last)
-            metrics.iteration_tokens.observe(1)
-        last = now
+            metrics.itl.observe(now - self._last)
+        self._last = now
+        self._step += 1
         metrics.generation_tokens.inc()
-        metrics.kv_cache_usage.set((len(prompt) + step + 1) / ctx.max_model_len)
-        job.emit(TokenDelta(index, text, [token], lps, finish, stop_reason))
+        self.job.emit(TokenDelta(self.index, text, [token], lps, finish, stop_reason))
         if finish is not None:
             metrics.request_generation_tokens.observe(step + 1)
-            return finish
-        step_ids = torch.tensor([[token]], device=ctx.device)
-        logits = lm(input_ids=step_ids, cache=cache, use_cache=True).logits[0, -1]  # [V]
-    return "length"  # not reached: callers validate max_tokens >= 1 and len(prompt) < max_model_len
+            self.finish_reason = finish
+            return None
+        return token

@@ -1,14 +1,19 @@
-"""The generation engine: one resident model, one worker thread, adapters and sleep/wake.
+"""The generation engine: one resident model, one worker thread, continuous batching, adapters and sleep/wake.
 
-Every torch operation runs on ONE dedicated worker thread, fed by a FIFO queue: requests are served in arrival order,
-adapter selection happens inside the worker right before a request's forward passes (so two concurrent requests can
-never see each other's adapter), and the asyncio event loop never blocks. The worker pushes each generated token to
-the request's asyncio queue with `loop.call_soon_threadsafe`; a request whose client went away is flagged cancelled
-and the worker stops generating for it.
+Every torch operation runs on ONE dedicated worker thread, fed by a FIFO queue, and the asyncio event loop never
+blocks. The worker is a continuous-batching scheduler, as vLLM's: between two decode steps it admits queued requests
+in arrival order (prefill, one request at a time) while the batch has room (`max_num_seqs` choices), and every step
+advances ALL running choices by one token with ONE forward pass over a left-padded KV batch (kvbatch.py). Choices
+join and leave between steps; a request whose client went away is flagged cancelled and leaves at the next step.
+Rows may use different adapters: one adapter (or none) for the whole batch runs the plain forward; a mix runs PEFT's
+mixed-batch forward (the base layers once, each row's own LoRA delta added). Sampling, per-request `torch.Generator`
+seeding (choice i of a request with seed s uses seed s + i, as vLLM's parallel sampling does), stop handling,
+detokenization and logprobs are per choice (decoding.py), so a choice's tokens are those it gets alone, up to the
+float rounding of a batched matmul (fp32: the greedy outputs measured identical).
 
-Decoding is a plain loop over `model(input_ids, cache=DynamicCache)` under `torch.inference_mode()`, with per-request
-`torch.Generator` seeding (choice i of a request with seed s uses seed s + i, as vLLM's parallel sampling does),
-incremental detokenization, and logprobs computed only when asked.
+Control jobs (adapter load/unload, sleep, wake) are queued like requests and run once the running batch is empty, so
+a request never sees an adapter change or the weights move mid-answer; requests queued behind one wait for it.
+The worker pushes each generated token to the request's asyncio queue with `loop.call_soon_threadsafe`.
 
 Sleep: level 1 keeps the weights (moved to host memory on CUDA), level 2 drops weights and adapters; waking from
 level 2 reloads the base model from disk and re-attaches every adapter from its path. As in vLLM, `wake_up(tags)`
@@ -18,8 +23,8 @@ the server); they are validated against the recorded module shapes even at level
 load time, not on first use.
 
 Adapter swap: `load_adapter(..., load_inplace=True)` on a resident adapter with the same structure copies the new
-weights into its tensors (milliseconds) instead of rebuilding PEFT modules; the copy is a job on the worker thread,
-so it happens between two requests and no forward pass sees a half-copied adapter.
+weights into its tensors (milliseconds) instead of rebuilding PEFT modules; the copy is a control job on the worker
+thread, so it happens while no request is decoding and no forward pass sees a half-copied adapter.
 
 Generation defaults: fields a request omits come from the model's generation_config (vLLM's
 `--generation-config auto`), the registry's `generation_defaults`, then `override_generation_config`.
@@ -36,7 +41,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +49,9 @@ from typing import Any, TypeVar
 
 from claas.core.models import REGISTRY, LoadedModel, load_model
 from claas.modelserver.adapters import AdapterLoadError, AdapterSlots, looks_like_adapter_dir
-from claas.modelserver.decoding import GenerationInput, Job, PromptLogprobs, TokenDelta, decode_choice, prefill
+from claas.modelserver.decoding import ChoiceDecoder, GenerationInput, Job, PromptLogprobs, TokenDelta, prefill
 from claas.modelserver.errors import BadRequest, InternalError, ModelServerError, NotFound, Unavailable
+from claas.modelserver.kvbatch import PaddedKVBatch
 from claas.modelserver.metrics import ServerMetrics
 from claas.modelserver.sampling import GENERATION_CONFIG_FIELDS
 
@@ -120,6 +126,15 @@ class _Adapter:
     internal: str
 
 
+@dataclass
+class _Row:
+    """One decoding choice in the running batch; rows are in the batch's KV row order."""
+
+    decoder: ChoiceDecoder
+    adapter: str | None  # internal adapter name; None = the base model
+    logits: Any  # next-token logits [V] (from the prefill, then from the last batched step)
+
+
 class Engine:
     def __init__(
         self,
@@ -131,6 +146,7 @@ class Engine:
         device: str = "auto",
         max_model_len: int | None = None,
         max_loras: int = 8,
+        max_num_seqs: int = 16,
         dtype: str = "auto",
         generation_config: str = "auto",
         override_generation_config: dict[str, Any] | None = None,
@@ -157,6 +173,9 @@ class Engine:
         self.max_model_len = max_model_len or derived
         self.vocab_size = min(len(self.tokenizer), int(config.vocab_size))
         self.max_loras = max_loras
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+        self.max_num_seqs = max_num_seqs
         self.eos_ids = self._collect_eos_ids(loaded)
         self._slots = AdapterSlots(loaded.model)
         self._adapters: dict[str, _Adapter] = {}  # every registered adapter (no limit, as in vLLM)
@@ -166,7 +185,10 @@ class Engine:
         self._sleeping_tags: set[str] = set()
         self._sleep_requested = False
         self.metrics = ServerMetrics(self.served_model_name, self.max_model_len, str(self.dtype).removeprefix("torch."))
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | Callable[[], None] | None] = queue.Queue()
+        self._pending: deque[Job | Callable[[], None] | None] = deque()  # taken from _jobs, not yet started
+        self._rows: list[_Row] = []  # the running batch
+        self._batch = PaddedKVBatch(config)
         self._worker: threading.Thread | None = None
 
     @classmethod
@@ -198,11 +220,44 @@ class Engine:
             self._worker = None
 
     def _worker_main(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        """The scheduler: start queued requests while the batch has room, run queued control jobs (adapter loads,
+        sleep, wake) once the batch is empty, and advance every running choice by one token per step."""
+        while True:
+            self._take_queued(block=not self._rows and not self._pending)
+            if not self._dispatch():
+                return
+            if self._rows:
+                self._decode_step()
+
+    def _take_queued(self, block: bool) -> None:
+        if block:
+            self._pending.append(self._jobs.get())
+        while True:
             try:
-                job()
-            except Exception:  # jobs report their own errors; this only guards the thread
+                self._pending.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return
+
+    def _dispatch(self) -> bool:
+        """Start what can start, in arrival order; False once the shutdown marker is reached."""
+        while self._pending:
+            head = self._pending[0]
+            if isinstance(head, Job):
+                if not self._admissible(head):
+                    return True
+                self._pending.popleft()
+                self._admit(head)
+                continue
+            if self._rows:  # a control job changes what running requests read: it waits until they are done
+                return True
+            self._pending.popleft()
+            if head is None:
+                return False
+            try:
+                head()
+            except Exception:  # control jobs report their own errors; this only guards the thread
                 logger.exception("engine job failed")
+        return True
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the worker thread (after everything queued before it) and await its result."""
@@ -285,8 +340,9 @@ class Engine:
             logger.info("in-place copy of %s took %.1f ms", adapter.name, (time.perf_counter() - started) * 1000)
         return copied
 
-    def _make_resident(self, adapter: _Adapter) -> None:
-        """Attach `adapter` if it is not attached, detaching the least recently used beyond `max_loras`.
+    def _make_resident(self, adapter: _Adapter, in_use: frozenset[str | None] = frozenset()) -> None:
+        """Attach `adapter` if it is not attached, detaching the least recently used beyond `max_loras` (never one
+        in `in_use`, the adapters of the running batch; `_admissible` ensures there is one to spare).
 
         Like vLLM, registered adapters are unlimited; only `max_loras` of them hold weights at once, and an evicted
         one is re-read from its path the next time a request names it.
@@ -295,7 +351,8 @@ class Engine:
             self._resident.move_to_end(adapter.internal)
             return
         while len(self._resident) >= self.max_loras:
-            victim, _ = self._resident.popitem(last=False)
+            victim = next(name for name in self._resident if name not in in_use)
+            del self._resident[victim]
             self._slots.detach(victim)
         self._slots.attach(adapter.internal, adapter.path)
         self._resident[adapter.internal] = None
@@ -409,10 +466,32 @@ class Engine:
         job = Job(inp, emit=emit)
         self.metrics.waiting.inc()
         self.start()  # idempotent; lets apps run without their lifespan (e.g. httpx.ASGITransport)
-        self._jobs.put(lambda: self._run(job))
+        self._jobs.put(job)
         return GenerationHandle(job, events)
 
-    def _run(self, job: Job) -> None:
+    def _adapter_of(self, job: Job) -> _Adapter | None:
+        if job.inp.adapter is None:
+            return None
+        adapter = self._adapters.get(job.inp.adapter)
+        if adapter is None:
+            raise NotFound(f"The model `{job.inp.adapter}` does not exist.", param="model")
+        return adapter
+
+    def _admissible(self, job: Job) -> bool:
+        """Whether `job` can join the running batch now: room for its choices, and its adapter resident or a slot
+        free of running requests to load it into (an empty batch always admits; errors surface at admission)."""
+        if job.cancelled or not self._rows:
+            return True
+        if len(self._rows) + job.inp.params.n > self.max_num_seqs:
+            return False
+        adapter = self._adapters.get(job.inp.adapter) if job.inp.adapter is not None else None
+        if adapter is None or adapter.internal in self._resident or len(self._resident) < self.max_loras:
+            return True
+        in_use = {row.adapter for row in self._rows}
+        return any(name not in in_use for name in self._resident)
+
+    def _admit(self, job: Job) -> None:
+        """Prefill `job`'s prompt and add its choices to the running batch (or finish it: cancelled, failed)."""
         import torch
 
         metrics = self.metrics
@@ -424,55 +503,125 @@ class Engine:
         metrics.running.inc()
         job.scheduled = time.monotonic()
         metrics.queue_time.observe(job.scheduled - job.submitted)
+        params, prompt = job.inp.params, job.inp.prompt_ids
         try:
             if self._sleeping_tags:
                 self.check_awake()
-            adapter = self._adapters.get(job.inp.adapter) if job.inp.adapter is not None else None
-            if job.inp.adapter is not None and adapter is None:
-                raise NotFound(f"The model `{job.inp.adapter}` does not exist.", param="model")
+            adapter = self._adapter_of(job)
+            internal = adapter.internal if adapter is not None else None
             if adapter is not None:
                 try:
-                    self._make_resident(adapter)
+                    self._make_resident(adapter, frozenset(row.adapter for row in self._rows))
                 except AdapterLoadError as exc:
                     message = f"LoRA adapter '{adapter.name}' could not be re-read from {adapter.path}: {exc}"
                     raise InternalError(message) from exc
-            with torch.inference_mode(), self._slots.use(adapter.internal if adapter else None) as lm:
-                self._generate(job, lm)
-        except ModelServerError as exc:
-            job.emit(exc)
+            with torch.inference_mode(), self._slots.use(internal) as lm:
+                cache, logits, prompt_lps = prefill(lm, prompt, self.device, params.prompt_logprobs)
+                self._batch.add(cache, copies=params.n)
         except Exception as exc:
-            logger.exception("generation failed")
-            job.emit(InternalError(f"generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            finished = time.monotonic()
-            metrics.running.dec()
-            metrics.kv_cache_usage.set(0)
-            metrics.e2e.observe(finished - job.submitted)
-            metrics.inference_time.observe(finished - job.scheduled)
-            first = job.first_token if job.first_token is not None else finished
-            metrics.prefill_time.observe(first - job.scheduled)
-            metrics.decode_time.observe(finished - first)
-            metrics.request_preemptions.observe(0)
-            metrics.params_n.observe(job.inp.params.n)
-            metrics.params_max_tokens.observe(job.inp.params.max_tokens)
-            job.emit(_DONE)
-
-    def _generate(self, job: Job, lm: Any) -> None:
-        params = job.inp.params
-        prompt = job.inp.prompt_ids
-        self.metrics.prompt_tokens.inc(len(prompt))
-        self.metrics.request_prompt_tokens.observe(len(prompt))
-        self.metrics.prefix_cache_queries.inc(len(prompt))  # no prefix cache: every queried token misses
-        self.metrics.iteration_tokens.observe(len(prompt))
-        cache, logits, prompt_lps = prefill(lm, prompt, self.device, params.prompt_logprobs)
+            self._fail(job, exc)
+            self._finish(job)
+            return
+        metrics.prompt_tokens.inc(len(prompt))
+        metrics.request_prompt_tokens.observe(len(prompt))
+        metrics.prefix_cache_queries.inc(len(prompt))  # no prefix cache: every queried token misses
+        metrics.iteration_tokens.observe(len(prompt))
         if prompt_lps is not None:
             job.emit(PromptLogprobs(prompt_lps))
-        for index in range(params.n):
-            if index > 0:
-                self.metrics.iteration_tokens.observe(len(prompt))
-                cache, logits, _ = prefill(lm, prompt, self.device, None)
+        width = int(logits.shape[-1])
+        for index in range(params.n):  # choice i of a request with seed s uses seed s + i, as vLLM's n does
             seed = None if params.seed is None else params.seed + index
-            reason = decode_choice(self, lm, job, index, cache, logits, seed)
-            self.metrics.request_success[reason or "abort"].inc()
-            if reason is None:  # cancelled
+            self._rows.append(_Row(ChoiceDecoder(self, job, index, seed, width), internal, logits))
+        job.open_choices = params.n
+        self._report_cache_usage()
+
+    def _decode_step(self) -> None:
+        """Sample one token for every running choice, then run ONE forward for all that continue."""
+        import torch
+
+        keep: list[int] = []
+        tokens: list[int] = []
+        with torch.inference_mode():
+            for i, row in enumerate(self._rows):
+                job = row.decoder.job
+                if job.cancelled or job.failed:
+                    self._close(row, None)
+                    continue
+                try:
+                    token = row.decoder.advance(row.logits)
+                except Exception as exc:
+                    self._fail(job, exc)
+                    self._close(row, None)
+                    continue
+                if token is None:
+                    self._close(row, row.decoder.finish_reason)
+                    continue
+                keep.append(i)
+                tokens.append(token)
+            self._rows = [self._rows[i] for i in keep]
+            self._batch.keep(keep)
+            if not self._rows:
+                self._report_cache_usage()
                 return
+            try:
+                logits = self._forward(tokens)
+            except Exception as exc:  # the whole batch shares this forward: every request in it fails
+                for row in self._rows:
+                    self._fail(row.decoder.job, exc)
+                    self._close(row, None)
+                self._rows = []
+                self._batch.keep([])
+                self._report_cache_usage()
+                return
+        for row, row_logits in zip(self._rows, logits):
+            row.logits = row_logits
+        self.metrics.iteration_tokens.observe(len(tokens))
+        self._report_cache_usage()
+
+    def _forward(self, tokens: list[int]) -> Any:
+        """One decode forward for the batch: one adapter (or none) for all rows, or PEFT's per-row adapters."""
+        adapters = [row.adapter for row in self._rows]
+        if len(set(adapters)) == 1:
+            with self._slots.use(adapters[0]) as lm:
+                return self._batch.step(lm, tokens)
+        return self._batch.step(self._slots.mixed(adapters), tokens)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        """Report `exc` to the request (once) and stop its other choices."""
+        if job.failed:
+            return
+        job.failed = True
+        if not isinstance(exc, ModelServerError):
+            logger.exception("generation failed", exc_info=exc)
+            exc = InternalError(f"generation failed: {type(exc).__name__}: {exc}")
+        job.emit(exc)
+
+    def _close(self, row: _Row, reason: str | None) -> None:
+        """A choice left the batch: finished (`reason`), or cancelled / failed (None)."""
+        job = row.decoder.job
+        if reason is not None:
+            self.metrics.request_success[reason].inc()
+        elif not job.failed:  # cancelled by the client: count the abort once per request
+            job.failed = True
+            self.metrics.request_success["abort"].inc()
+        job.open_choices -= 1
+        if job.open_choices == 0:
+            self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        metrics = self.metrics
+        finished = time.monotonic()
+        metrics.running.dec()
+        metrics.e2e.observe(finished - job.submitted)
+        metrics.inference_time.observe(finished - job.scheduled)
+        first = job.first_token if job.first_token is not None else finished
+        metrics.prefill_time.observe(first - job.scheduled)
+        metrics.decode_time.observe(finished - first)
+        metrics.request_preemptions.observe(0)
+        metrics.params_n.observe(job.inp.params.n)
+        metrics.params_max_tokens.observe(job.inp.params.max_tokens)
+        job.emit(_DONE)
+
+    def _report_cache_usage(self) -> None:
+        """`vllm:kv_cache_usage_perc`: tokens held over the token budget (`max_num_seqs` x `max_model_len`)."""
+        self.metrics.kv_cache_usage.set(self._batch.tokens() / (self.max_num_seqs * self.max_model_len))

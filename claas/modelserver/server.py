@@ -23,6 +23,7 @@ def serve(
     cache_dir: Path | None = None,
     max_model_len: int | None = None,
     max_loras: int = 8,
+    max_num_seqs: int = 16,
     api_key: str | None = None,
     dtype: str = "auto",
     generation_config: str = "auto",
@@ -46,16 +47,18 @@ def serve(
         served_model_name=served_model_name or model,
         max_model_len=max_model_len,
         max_loras=max_loras,
+        max_num_seqs=max_num_seqs,
         dtype=dtype,
         generation_config=generation_config,
         override_generation_config=override_generation_config,
     )
     logger.info(
-        "serving %r on http://%s:%d (max_model_len=%d, device=%s, dtype=%s)",
+        "serving %r on http://%s:%d (max_model_len=%d, max_num_seqs=%d, device=%s, dtype=%s)",
         engine.served_model_name,
         host,
         port,
         engine.max_model_len,
+        engine.max_num_seqs,
         engine.device,
         engine.dtype,
     )

@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.modelserver.helpers import metric as _metric
+
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -58,11 +60,6 @@ def _assert_error(r: httpx.Response, status: int, *, param: str | None = None, c
     if contains is not None:
         assert contains in error["message"], error
     return error
-
-
-def _metric(text: str, name: str) -> float:
-    """Sum of all samples of one metric (every label set)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
 
 
 # ---- basics ------------------------------------------------------------------------------------------------------
@@ -273,11 +270,14 @@ def test_concurrent_adapter_and_base_requests_match_sequential(adapter, paris, h
     def logprobs(reply: dict) -> list[float]:
         return [entry["logprob"] for entry in reply["choices"][0]["logprobs"]["content"]]
 
+    # Decoded together (a mixed-adapter batch), each gets its own answer. Logprobs agree to float rounding: a batched
+    # matmul sums in another order than a single row's (vLLM is not batch-invariant either).
     assert tuned["choices"][0]["token_ids"] == sequential_tuned["choices"][0]["token_ids"]
-    assert logprobs(tuned) == logprobs(sequential_tuned)
+    assert logprobs(tuned) == pytest.approx(logprobs(sequential_tuned), abs=1e-4)
     assert base["choices"][0]["token_ids"] == paris["choices"][0]["token_ids"]
-    assert logprobs(base) == [entry["logprob"] for entry in paris["choices"][0]["logprobs"]["content"]]
-    assert logprobs(tuned) != logprobs(base)  # each request saw its own adapter selection
+    paris_logprobs = [entry["logprob"] for entry in paris["choices"][0]["logprobs"]["content"]]
+    assert logprobs(base) == pytest.approx(paris_logprobs, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(logprobs(tuned), logprobs(base))) > 0.01  # each saw its own adapter
 
 
 # ---- sleep / wake ------------------------------------------------------------------------------------------------

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from safetensors.numpy import load_file, save_file
+
+from tests.modelserver.helpers import metric as _metric
+from tests.modelserver.helpers import variant as _variant
 
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-WEIGHTS = "adapter_model.safetensors"
 
 
 def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -34,39 +34,10 @@ def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
     return error
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith((name + "{", name + " ")):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _scores(http: httpx.Client, model: str, ids: list[int]) -> list[float]:
     r = http.post("/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 1, "prompt_logprobs": 0})
     assert r.status_code == 200, r.text
     return [entry[str(t)]["logprob"] for entry, t in zip(r.json()["choices"][0]["prompt_logprobs"], ids) if entry]
-
-
-def _variant(src: Path, dst: Path, *, scale_b: float = 1.0, rank: int | None = None, config: str | None = None) -> str:
-    """A copy of the adapter at `src` with lora_B scaled (other weights), truncated to `rank` (other structure), or
-    with `config` as its adapter_config.json text."""
-    shutil.copytree(src, dst)
-    tensors = load_file(str(src / WEIGHTS))
-    out = {}
-    for key, value in tensors.items():
-        if rank is not None:
-            value = value[:rank] if "lora_A" in key else value[:, :rank]
-        out[key] = (value * scale_b).astype(value.dtype) if "lora_B" in key else value
-    save_file(out, str(dst / WEIGHTS))
-    if rank is not None:
-        cfg = json.loads((src / "adapter_config.json").read_text())
-        (dst / "adapter_config.json").write_text(json.dumps({**cfg, "r": rank}))
-    if config is not None:
-        (dst / "adapter_config.json").write_text(config)
-    return str(dst)
 
 
 @pytest.fixture(scope="module")
