@@ -9,7 +9,8 @@ subprocesses and the in-process baseline take turns, never run at the same time 
   the paired-median ratio beside it); TTFT = time to the first streamed token;
 - concurrency: 1/2/4/8 simultaneous non-stream requests, aggregate new tokens/s, and whether every greedy answer is
   the single-stream answer; TTFT of 8 simultaneous streams;
-- bf16: the same server started with `--dtype bfloat16`: tok/s, and the prompt logprobs of one text against fp32;
+- bf16: the same server started with `--dtype bfloat16`: tok/s single and at 8 streams, and the prompt logprobs of
+  one text against fp32;
 - swap: a rank-32 adapter on every linear module; `load_inplace` of a second version (the gateway's reload) vs the
   old unload + load, median over repetitions;
 - feedback → answer: `claas api` (local engine) in front of the fp32 server: POST /v1/feedback, then at once a
@@ -311,6 +312,7 @@ def main() -> None:
             _non_stream(client, model, ids, 8)
             bf16_runs = [_non_stream(client, model, ids, n) for _ in range(args.reps)]
             bf16_lps = _prompt_logprobs(client, model, score_ids)
+            bf16_batch8, bf16_outs = asyncio.run(_concurrent(url, model, ids, n, 8))
     finally:
         stop_process(proc, timeout_s=30)
     bf16_tok_s = max(r[0] for r in bf16_runs)
@@ -321,6 +323,8 @@ def main() -> None:
         bf16_logprob_max_abs_diff=round(max(diffs), 5),
         bf16_logprob_mean_abs_diff=round(statistics.mean(diffs), 5),
         bf16_same_greedy_tokens=bf16_runs[0][1] == single_tokens,
+        bf16_batch8_tok_s=round(bf16_batch8, 3),
+        bf16_batch8_greedy_identical=all(o == bf16_runs[0][1] for o in bf16_outs),
     )
     anchor = _llama_cpp_tok_s(n, threads)
     result["llama_cpp_tok_s"] = None if anchor is None else round(anchor, 3)

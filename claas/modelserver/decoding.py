@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from claas.modelserver.kvbatch import new_cache
 from claas.modelserver.sampling import (
     LogitsAdjuster,
     PositionLogprobs,
@@ -91,9 +92,8 @@ class DecodeContext(Protocol):
 def prefill(lm: Any, ids: list[int], device: "torch.device", prompt_top: int | None) -> tuple[Any, Any, list | None]:
     """Run the prompt; return (cache, logits of the last position [V], prompt logprobs or None)."""
     import torch
-    from transformers.cache_utils import DynamicCache
 
-    cache = DynamicCache(config=lm.config)
+    cache = new_cache(lm.config)
     if prompt_top is None:
         out = lm(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True, logits_to_keep=1)
         return cache, out.logits[0, -1], None
