@@ -31,6 +31,7 @@ class MeasureConfig(_Strict):
     sampled_temperature: float = Field(0.7, ge=0.0)
     sampled_per_probe: int = Field(1, ge=1)
     probe_limit: int | None = Field(None, ge=1, description="Use only the first N probe prompts (quick runs).")
+    concurrency: int = Field(8, ge=1, description="Probe requests in flight at once (the server batches them).")
     metrics: list[str] = Field(default_factory=lambda: ["margin", "compliance", "capability", "collapse"])
 
 

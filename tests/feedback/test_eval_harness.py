@@ -98,3 +98,28 @@ def test_bad_override_is_refused_before_anything_is_sent(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "num_steps" in result.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_concurrent_probes_measure_what_one_at_a_time_does(feedback_gateway, tmp_path: Path) -> None:
+    """`measure.concurrency` sends probes together (the model server batches them): the greedy answers, the
+    capability answers and the margins are those of one request at a time."""
+    from claas.eval.client import ClaasClient
+    from claas.eval.runner import measure
+    from claas.eval.settings import load_preference
+
+    overrides = tiny(feedback_gateway.base_url, tmp_path, "measure.probe_limit=4", "capability.limit=3")
+    client = ClaasClient(feedback_gateway.base_url)
+    try:
+        runs = {}
+        for concurrency in (1, 4):
+            cfg = compose_config([*overrides, f"measure.concurrency={concurrency}"])
+            preference = load_preference("identity")
+            runs[concurrency] = measure(client, cfg, preference, cfg.base_model, 0, slow=True)
+    finally:
+        client.close()
+    one, together = runs[1], runs[4]
+    assert together["details"]["compliance"]["greedy"] == one["details"]["compliance"]["greedy"]
+    assert together["details"]["capability"] == one["details"]["capability"]
+    margins = ("preferred_logprob", "dispreferred_logprob")
+    for key in margins:
+        assert together["details"]["margin"][key] == pytest.approx(one["details"]["margin"][key], abs=1e-3)

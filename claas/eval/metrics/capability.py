@@ -61,15 +61,17 @@ class CapabilityMetric(Metric):
         cap = ctx.config.capability
         max_tokens = ctx.config.measure.max_tokens
 
-        def ask(prompt: str, tokens: int = max_tokens) -> str:
+        def ask(question: tuple[str, int]) -> str:
+            prompt, tokens = question
             return ctx.client.chat(ctx.model, prompt, max_tokens=tokens, temperature=0.0)[0].text
 
         facts = cap.facts[: cap.limit] if cap.limit else cap.facts
-        fact_results = [(fact.prompt, answer) for fact in facts for answer in [ask(fact.prompt)]]
-        fact_pass = [answer_matches(answer, fact.answer) for fact, (_, answer) in zip(facts, fact_results)]
-        code_answer = ask(cap.coding.prompt, max(max_tokens, 96))
+        questions = [(fact.prompt, max_tokens) for fact in facts]
+        questions += [(cap.coding.prompt, max(max_tokens, 96)), (cap.instruction.prompt, 16)]
+        *fact_answers, code_answer, instruction_answer = ctx.map(ask, questions)
+        fact_results = [(fact.prompt, answer) for fact, answer in zip(facts, fact_answers)]
+        fact_pass = [answer_matches(answer, fact.answer) for fact, answer in zip(facts, fact_answers)]
         coding_pass = code_passes(extract_code(code_answer), cap.coding.tests, cap.coding.timeout_s)
-        instruction_answer = ask(cap.instruction.prompt, 16)
         instruction_pass = follows_one_word(instruction_answer, cap.instruction.answer, cap.instruction.max_words)
         checks = [*fact_pass, coding_pass, instruction_pass]
         return Measurement(

@@ -51,12 +51,14 @@ class CollapseMetric(Metric):
 
     def measure(self, ctx: MeasureContext) -> Measurement:
         cfg, collapse = ctx.config.measure, ctx.config.collapse
-        entropies = []
-        for prompt in ctx.preference.probes(cfg.probe_limit):
+
+        def entropy(prompt: str) -> float:
             answer = ctx.client.chat(
                 ctx.model, prompt, max_tokens=cfg.max_tokens, temperature=0.0, top_logprobs=TOP_LOGPROBS
             )[0]
-            entropies.append(mean_token_entropy(answer.top_logprobs))
+            return mean_token_entropy(answer.top_logprobs)
+
+        entropies = ctx.map(entropy, ctx.preference.probes(cfg.probe_limit))
         samples = [
             answer.text
             for answer in ctx.client.chat(

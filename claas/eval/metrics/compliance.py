@@ -24,20 +24,23 @@ class ComplianceMetric(Metric):
         cfg = ctx.config.measure
         verifier = ctx.preference.build_verifier()
         probes = ctx.preference.probes(cfg.probe_limit)
-        greedy: list[Answer] = []
-        sampled: list[Answer] = []
-        for index, prompt in enumerate(probes):
+
+        def answers(indexed: tuple[int, str]) -> tuple[Answer, list[Answer]]:
+            index, prompt = indexed
             served = ctx.client.chat(ctx.model, prompt, max_tokens=cfg.max_tokens, temperature=0.0)[0]
-            greedy.append(Answer(served.text, served.finish_reason))
-            for sample in ctx.client.chat(
+            samples = ctx.client.chat(
                 ctx.model,
                 prompt,
                 max_tokens=cfg.max_tokens,
                 temperature=cfg.sampled_temperature,
                 seed=ctx.seed * 1000 + index,
                 n=cfg.sampled_per_probe,
-            ):
-                sampled.append(Answer(sample.text, sample.finish_reason))
+            )
+            return Answer(served.text, served.finish_reason), [Answer(s.text, s.finish_reason) for s in samples]
+
+        per_probe = ctx.map(answers, enumerate(probes))
+        greedy = [first for first, _ in per_probe]
+        sampled = [answer for _, samples in per_probe for answer in samples]
         return Measurement(
             values={
                 "compliance_greedy": pass_rate(greedy, verifier),

@@ -19,10 +19,10 @@ class MarginMetric(Metric):
     slow = False
 
     def measure(self, ctx: MeasureContext) -> Measurement:
-        preferred, dispreferred = [], []
-        for pair in ctx.preference.logprob_pairs:
-            preferred.append(ctx.client.score(ctx.model, pair.prompt, pair.preferred)["sum_logprob"])
-            dispreferred.append(ctx.client.score(ctx.model, pair.prompt, pair.dispreferred)["sum_logprob"])
+        pairs = ctx.preference.logprob_pairs
+        texts = [(pair.prompt, pair.preferred) for pair in pairs] + [(pair.prompt, pair.dispreferred) for pair in pairs]
+        sums = ctx.map(lambda text: ctx.client.score(ctx.model, *text)["sum_logprob"], texts)
+        preferred, dispreferred = sums[: len(pairs)], sums[len(pairs) :]
         return Measurement(
             values={"margin": logprob_margin(preferred, dispreferred)},
             details={"preferred_logprob": preferred, "dispreferred_logprob": dispreferred},
