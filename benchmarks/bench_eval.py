@@ -1,12 +1,13 @@
 """Where the time of one eval step goes: generation, feedback (split into the gateway's phases), measurement.
 
-    python benchmarks/bench_eval.py [--steps 3] [--model smollm2-135m]
+    python benchmarks/bench_eval.py [--steps 3] [--model smollm2-135m] [--concurrency 8]
 
 Starts `python -m claas.modelserver` and `uvicorn claas.api:web_app` (the real app, local engine) on free 127.0.0.1
 ports, runs the eval harness for `--steps` steps of the identity preference with every metric measured at every
 step, and reads the phase timings back from the run's steps.jsonl. The baseline of the same run is one plain greedy
 chat of the harness's answer length through the gateway (median of 5): every phase is also given in units of that
-generation, so the figures compare across machines. The last line printed is one JSON object.
+generation, so the figures compare across machines. `--concurrency` is the harness's `measure.concurrency` (probe
+requests in flight at once; 1 measures one request at a time). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--concurrency", type=int, default=8, help="measure.concurrency (probe requests at once)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="claas-bench-eval-"))
@@ -58,7 +60,8 @@ def main() -> None:
 
         cfg = compose_config([f"claas_url={api_url}", f"output_dir={work / 'evals'}", "run_id=bench",
                               "preferences=[identity]", f"num_steps={args.steps}", f"base_model={args.model}",
-                              "measure.every=1", "measure.slow_every=1"])  # fmt: skip
+                              "measure.every=1", "measure.slow_every=1",
+                              f"measure.concurrency={args.concurrency}"])  # fmt: skip
         body = {"model": args.model, "messages": [{"role": "user", "content": "Who are you?"}],
                 "max_tokens": cfg.generation.max_tokens, "temperature": 0.0, "ignore_eos": True}  # fmt: skip
         unit = []
@@ -89,6 +92,7 @@ def main() -> None:
     result = {
         "benchmark": "eval_step",
         "model": args.model,
+        "concurrency": args.concurrency,
         "steps": len(steps),
         "generation_unit_s": round(generation_unit_s, 3),
         "step_s": step_s,

@@ -7,7 +7,7 @@ One run, same model, same prompt token ids, greedy, EOS ignored, same torch thre
 subprocesses and the in-process baseline take turns, never run at the same time (they would compete for the cores):
 - single stream, fp32: server non-stream `/v1/completions` vs bare `model.generate` (alternating, best of `--reps`,
   the paired-median ratio beside it); TTFT = time to the first streamed token;
-- concurrency: 1/2/4/8 simultaneous non-stream requests, aggregate new tokens/s, and whether every greedy answer is
+- concurrency: 1/2/4/8/16 simultaneous non-stream requests, aggregate new tokens/s, and whether every greedy answer is
   the single-stream answer; TTFT of 8 simultaneous streams;
 - bf16: the same server started with `--dtype bfloat16`: tok/s single and at 8 streams, and the prompt logprobs of
   one text against fp32;
@@ -274,7 +274,7 @@ def main() -> None:
             single_tokens = server_runs[0][1]
             concurrency: dict[str, float] = {}
             same = True
-            for streams in (1, 2, 4, 8):
+            for streams in (1, 2, 4, 8, 16):
                 tok_s, outs = asyncio.run(_concurrent(url, model, ids, n, streams))
                 concurrency[str(streams)] = round(tok_s, 3)
                 same = same and all(o == single_tokens for o in outs)
@@ -296,6 +296,7 @@ def main() -> None:
             ttft_ms=round(ttft, 2),
             concurrent_tok_s=concurrency,
             batch8_over_single=round(concurrency["8"] / concurrency["1"], 4),
+            batch16_over_single=round(concurrency["16"] / concurrency["1"], 4),
             concurrent_greedy_identical=same,
             ttft_ms_8_streams=round(ttft_load, 2),
             swap_ms=round(swap_ms, 2),
