@@ -178,6 +178,7 @@ def _feedback_to_answer(server_url: str, model: str, cache: Path, threads: int, 
     lora_id = "bench/feedback"
     question = [{"role": "user", "content": "Hi! Who are you?"}]
     ratios, totals, steps = [], [], []
+    phases: list[dict[str, float]] = []
     try:
         with httpx.Client(base_url=url, timeout=900) as client:
             client.post("/v1/lora/init", json={"lora_id": lora_id}).raise_for_status()
@@ -200,6 +201,8 @@ def _feedback_to_answer(server_url: str, model: str, cache: Path, threads: int, 
                 ratios.append(first_token_ms / step_ms)
                 totals.append(first_token_ms)
                 steps.append(step_ms)
+                phases.append({**{f"gateway.{k}": v for k, v in reply["timing_ms"].items()},
+                               **{f"step.{k}": v for k, v in timing.items()}})  # fmt: skip
     finally:
         stop_process(proc, timeout_s=30)
     if not ratios:
@@ -208,6 +211,7 @@ def _feedback_to_answer(server_url: str, model: str, cache: Path, threads: int, 
         "feedback_to_answer_over_step": round(statistics.median(ratios), 4),
         "feedback_to_first_token_ms": round(statistics.median(totals), 1),
         "step_compute_ms": round(statistics.median(steps), 1),
+        "feedback_phases_ms": {k: round(statistics.median(p.get(k, 0.0) for p in phases), 1) for k in phases[0]},
     }
 
 
