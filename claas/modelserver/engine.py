@@ -515,7 +515,8 @@ class Engine:
                 except AdapterLoadError as exc:
                     message = f"LoRA adapter '{adapter.name}' could not be re-read from {adapter.path}: {exc}"
                     raise InternalError(message) from exc
-            with torch.inference_mode(), self._slots.use(internal) as lm:
+            with torch.inference_mode():
+                lm = self._slots.use(internal)
                 cache, logits, prompt_lps = prefill(lm, prompt, self.device, params.prompt_logprobs)
                 self._batch.add(cache, copies=params.n)
         except Exception as exc:
@@ -582,8 +583,7 @@ class Engine:
         """One decode forward for the batch: one adapter (or none) for all rows, or PEFT's per-row adapters."""
         adapters = [row.adapter for row in self._rows]
         if len(set(adapters)) == 1:
-            with self._slots.use(adapters[0]) as lm:
-                return self._batch.step(lm, tokens)
+            return self._batch.step(self._slots.use(adapters[0]), tokens)
         return self._batch.step(self._slots.mixed(adapters), tokens)
 
     def _fail(self, job: Job, exc: BaseException) -> None:

@@ -8,9 +8,9 @@ requests, as vLLM does) and `engine` ("0"). A gateway that drains on `vllm:num_r
 Values are honest for this engine: the KV cache is the running batch's, sized by what it holds rather than by
 preallocated blocks, so `vllm:kv_cache_usage_perc` is the tokens it holds over the token budget
 `max_num_seqs x max_model_len` (0 when idle); `vllm:iteration_tokens_total` observes one prefill (its prompt
-length) or one decode step (its number of running choices) per engine step; there is no prefix cache (queries counted, hits always 0)
-and no preemption (always 0); `vllm:engine_sleep_state` has one sample per state (`awake`, `weights_offloaded` =
-level 1, `discard_all` = level 2), 1 for the current one.
+length) or one decode step (its number of running choices) per engine step; there is no prefix cache (queries
+counted, hits always 0) and no preemption (always 0); `vllm:engine_sleep_state` has one sample per state
+(`awake`, `weights_offloaded` = level 1, `discard_all` = level 2), 1 for the current one.
 
 Not here: when the numbers change (engine.py) and the `/metrics` route (app.py).
 """
