@@ -13,6 +13,7 @@ subprocesses and the in-process baseline take turns, never run at the same time 
   one text against fp32;
 - swap: a rank-32 adapter on every linear module; `load_inplace` of a second version (the gateway's reload) vs the
   old unload + load, median over repetitions;
+- adapters: that adapter's tok/s alone and at 8 streams, and the base model's while it is loaded;
 - feedback → answer: `claas api` (local engine) in front of the fp32 server: POST /v1/feedback, then at once a
   streamed chat on the adapter; the time to its first token over the step's own compute (teacher demonstration +
   forward/backward/optimizer, from the step's timing).
@@ -160,6 +161,28 @@ def _swap_times(client: httpx.Client, paths: list[str], reps: int) -> tuple[floa
     return statistics.median(inplace), statistics.median(rebuild)
 
 
+def _adapter_speed(
+    client: httpx.Client, url: str, model: str, path: str, ids: list[int], n: int, reps: int
+) -> dict[str, float]:
+    """tok/s of the rank-32 adapter (alone, at 8 streams) and of the base while it is loaded, against each other."""
+    name = "bench-adapter"
+    client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}).raise_for_status()
+    try:
+        _non_stream(client, name, ids, 8)
+        adapter = max(_non_stream(client, name, ids, n)[0] for _ in range(reps))
+        base = max(_non_stream(client, model, ids, n)[0] for _ in range(reps))
+        adapter8, _ = asyncio.run(_concurrent(url, name, ids, n, 8))
+    finally:
+        client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+    return {
+        "adapter_tok_s": round(adapter, 3),
+        "base_tok_s_with_adapter_loaded": round(base, 3),
+        "adapter_over_base": round(adapter / base, 4),
+        "adapter_batch8_tok_s": round(adapter8, 3),
+        "adapter_batch8_over_single": round(adapter8 / adapter, 4),
+    }
+
+
 def _feedback_to_answer(server_url: str, model: str, cache: Path, threads: int, work: Path, reps: int) -> dict:
     port = free_port()
     env = {
@@ -287,6 +310,8 @@ def main() -> None:
             fp32_lps = _prompt_logprobs(client, model, score_ids)
             swap_ms, rebuild_ms = _swap_times(client, adapters, args.reps)
             print(f"swap: in place {swap_ms:.1f} ms, unload+load {rebuild_ms:.1f} ms", flush=True)
+            adapter_speed = _adapter_speed(client, url, model, adapters[0], ids, n, args.reps)
+            print(f"with the adapter loaded: {adapter_speed}", flush=True)
         server_tok_s = max(r[0] for r in server_runs)
         bare_tok_s = max(r[0] for r in bare_runs)
         result.update(
@@ -305,6 +330,7 @@ def main() -> None:
             ttft_ms_8_streams=round(ttft_load, 2),
             swap_ms=round(swap_ms, 2),
             unload_load_ms=round(rebuild_ms, 2),
+            **adapter_speed,
         )
         if not args.skip_feedback:
             result.update(_feedback_to_answer(url, model, cache, threads, work, args.reps))
