@@ -14,7 +14,7 @@ touch no module.
 are recorded at start, so it works at sleep level 2 too, when there is no model). `copy_inplace` is vLLM's
 `load_inplace` done cheaply: when the new files have the resident adapter's exact config and tensor shapes, their
 weights are copied straight into the resident LoRA tensors (no PEFT state-dict load, no module rebuild).
-It runs on the worker thread between requests, so no forward pass ever sees a half-copied adapter.
+It runs on the worker thread while no request is decoding, so no forward pass ever sees a half-copied adapter.
 
 Not here: the public name registry, HTTP errors for unknown names, sleep/wake (engine.py).
 """

@@ -1,4 +1,4 @@
-"""The decode loop for one request on the worker thread: prefill, then one token per forward with a KV cache.
+"""Per-request decoding on the worker thread: the prompt's prefill, then one choice a token at a time.
 
 `prefill` runs the prompt (`logits_to_keep=1` unless prompt logprobs are wanted; then in chunks of positions so memory
 stays O(chunk x vocab)). A `ChoiceDecoder` produces one choice a token at a time: adjust the logits (min_tokens,

@@ -487,8 +487,12 @@ class Engine:
         adapter = self._adapters.get(job.inp.adapter) if job.inp.adapter is not None else None
         if adapter is None or adapter.internal in self._resident or len(self._resident) < self.max_loras:
             return True
-        in_use = {row.adapter for row in self._rows}
+        in_use = self._adapters_in_use()
         return any(name not in in_use for name in self._resident)
+
+    def _adapters_in_use(self) -> frozenset[str | None]:
+        """Internal names of the adapters the running batch decodes with (None for base rows)."""
+        return frozenset(row.adapter for row in self._rows)
 
     def _admit(self, job: Job) -> None:
         """Prefill `job`'s prompt and add its choices to the running batch (or finish it: cancelled, failed)."""
@@ -511,7 +515,7 @@ class Engine:
             internal = adapter.internal if adapter is not None else None
             if adapter is not None:
                 try:
-                    self._make_resident(adapter, frozenset(row.adapter for row in self._rows))
+                    self._make_resident(adapter, self._adapters_in_use())
                 except AdapterLoadError as exc:
                     message = f"LoRA adapter '{adapter.name}' could not be re-read from {adapter.path}: {exc}"
                     raise InternalError(message) from exc
